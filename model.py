@@ -1,0 +1,407 @@
+"""
+The Qwen2 / Qwen3 decoder in one file: the model that Thinkless trains and samples from.
+
+It reads a Hugging Face checkpoint folder (config.json + model.safetensors, or shards with
+model.safetensors.index.json) and writes one back in the same layout, so transformers and vLLM
+load our checkpoints without a conversion step. Parameter names are the Hugging Face ones minus
+the leading "model.", so the weight loader is one short name map.
+
+The architecture, top to bottom (Qwen2 unless marked):
+  token embedding -> N x [ RMSNorm -> grouped-query attention with RoPE -> residual
+                           RMSNorm -> SwiGLU MLP                       -> residual ]
+  -> RMSNorm -> lm_head (its own matrix, or the embedding matrix when tied)
+  Qwen2: q/k/v projections carry a bias.  Qwen3: no biases, an RMSNorm on every query and key
+  head before RoPE, and an explicit head_dim that may differ from hidden_size / num_heads.
+
+Two hooks make the model drivable by the rest of the project without copying it:
+  - `kv_cache` + `positions`: sampler.py keeps a static cache (written in place, gpt-fast style)
+    where row r, slot p holds the key/value of the token at position p of the sequence in row r.
+    A query at position p attends to the slots <= p of its row, so rows of different lengths
+    share one batch and a finished row is reused by simply starting again at position 0.
+  - `head`: a function (hidden [B, T, H], lm_head weight [V, H]) -> anything, called instead of
+    the lm_head. The losses use it to compute log-probs fused (kernels/) without ever building
+    the [B, T, V] logits; it runs inside forward() so that FSDP's hooks see it.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"  # "qwen2" or "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # Qwen2 always has q/k/v biases; Qwen3 has none
+    qk_norm: bool = False  # Qwen3
+    dtype: str = "bfloat16"  # the dtype the weights are stored in
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Reads a transformers 4.x or 5.x config dict; refuses what this file does not implement."""
+        model_type = d.get("model_type")
+        if model_type not in ("qwen2", "qwen3"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (qwen2 or qwen3)")
+        # 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters = {rope_type, rope_theta}.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        try:
+            heads, hidden = d["num_attention_heads"], d["hidden_size"]
+            return cls(
+                model_type=model_type,
+                vocab_size=d["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=d.get("num_key_value_heads", heads),
+                head_dim=d.get("head_dim") or hidden // heads,
+                max_position_embeddings=d.get("max_position_embeddings", 32768),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
+                qk_norm=model_type == "qwen3",
+                dtype=d.get("dtype") or d.get("torch_dtype") or "float32",
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers (4.x and 5.x) reads back as the same model."""
+        d = {k.name: getattr(self, k.name) for k in fields(self)}
+        d.pop("qk_norm")
+        d["torch_dtype"] = d.pop("dtype")
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        d.update(architectures=[arch], hidden_act="silu", rope_scaling=None, use_cache=True,
+                 use_sliding_window=False, attention_dropout=0.0, initializer_range=0.02)
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x^2) + eps) * w, with the statistics in fp32 as in the reference.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos, sin [B, T, head_dim] for integer positions [B, T] (default RoPE, computed in fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, T, heads, hd): rotate the pairs (x_i, x_{i+hd/2}) by the angle of their position.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class KVCache:
+    """Static key/value buffers [layers, rows, max_len, kv_heads, head_dim], written in place."""
+
+    def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self):
+        return self.k.shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, H, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache_k=None, cache_v=None, cache_rows=None, positions=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_k is None:
+            # Training / plain forward: every token attends to the ones before it.
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+        else:
+            # Write the new keys/values at their positions, then attend over the whole row; the
+            # mask keeps slots <= the query's position (later slots are stale or unwritten).
+            rows = torch.arange(B, device=x.device) if cache_rows is None else cache_rows
+            cache_k[rows[:, None], positions] = k
+            cache_v[rows[:, None], positions] = v
+            keys = cache_k if cache_rows is None else cache_k[cache_rows]  # (B, S, nkv, hd)
+            values = cache_v if cache_rows is None else cache_v[cache_rows]  # (B, S, nkv, hd)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, *cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, *cache_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor, two uses
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
+        for name, p in self.named_parameters():  # the init of transformers (initializer_range 0.02)
+            if p.device.type != "meta":
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, positions=None, kv_cache: KVCache | None = None, cache_rows=None, head=None):
+        """idx (B, T) token ids -> logits (B, T, V), or head(hidden (B, T, H), lm_head weight (V, H)).
+
+        positions (B, T): absolute positions (default 0..T-1). kv_cache: read and written at
+        (cache_rows[b] or b, positions[b, t]); without it, plain causal attention over idx.
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.embed_tokens(idx)  # (B, T, H)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None
+        if kv_cache is not None:
+            slots = torch.arange(kv_cache.max_len, device=idx.device)
+            mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        for i, block in enumerate(self.layers):
+            cache_args = () if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_rows, positions, mask)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, *cache_args, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, *cache_args)
+        x = self.norm(x)  # (B, T, H)
+        if head is not None:
+            return head(x, self.lm_head.weight)
+        return self.lm_head(x)  # (B, T, V)
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Loads config.json + safetensors; dtype None = the checkpoint's dtype from config.json.
+
+        The model is built on the meta device (no memory), then every tensor is read from disk
+        straight to `device` in `dtype` and assigned: one copy of the weights, never an fp32 one.
+        """
+        path = str(path)
+        cfg = load_config(path)
+        dtype = dtype or getattr(torch, cfg.dtype)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        state, problems = {}, []
+        for file, names in _weight_files(path).items():
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for hf_name in names or f.keys():
+                        name = hf_name.removeprefix("model.")
+                        if name not in expected:
+                            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                                problems.append(f"unexpected tensor {hf_name} in {file}")
+                            continue
+                        t = f.get_tensor(hf_name)
+                        if t.shape != expected[name]:
+                            problems.append(f"{hf_name} in {file}: shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+                            continue
+                        state[name] = t.to(dtype)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        problems += [f"missing tensor model.{n} (shape {tuple(s)})" if n != "lm_head.weight"
+                     else f"missing tensor lm_head.weight (shape {tuple(s)})"
+                     for n, s in expected.items() if n not in state]
+        if problems:
+            raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.config.dtype = str(dtype).removeprefix("torch.")
+        return model
+
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=4 * 2**30):
+        """Writes config.json + safetensors (sharded with an index past max_shard_bytes), atomically:
+        everything goes to a temporary folder beside `path`, which then replaces `path`.
+        state_dict (our names, full tensors) defaults to this model's; FSDP callers gather one."""
+        path = os.path.abspath(str(path))
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+                   for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        shards, size = [{}], 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+        try:
+            cfg = self.config.to_hf()
+            cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update({name: fname for name in shard})
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def load_config(path) -> ModelConfig:
+    file = os.path.join(str(path), "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face checkpoint folder)")
+    with open(file) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON: {e}") from None
+    return ModelConfig.from_hf(d, source=file)
+
+
+def _weight_files(path) -> dict:
+    """{safetensors file: tensor names in it, or None for all}, from the index when sharded."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = {}
+        for name, shard in weight_map.items():
+            files.setdefault(os.path.join(path, shard), []).append(name)
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index}: points at shard {file}, which does not exist")
+        return files
+    if os.path.isfile(single):
+        return {single: None}
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def replace_dir(tmp, path):
+    """Moves the finished folder tmp to path; an old path is moved aside first and deleted last,
+    so a crash at any point leaves either the old or the new folder complete on disk."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "../shared/models/deepseek-r1-distill-qwen-1.5b")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    print(cfg)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
