@@ -66,10 +66,11 @@ class ModelConfig:
         if model_type not in ("qwen2", "qwen3"):
             raise ValueError(f"{source}: model_type {model_type!r} is not supported (qwen2 or qwen3)")
         # 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters = {rope_type, rope_theta}.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
+        for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
+        rope = d.get("rope_parameters") or {}
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         try:
