@@ -1,0 +1,280 @@
+"""
+Decoupled GRPO (DeGRPO), the reinforcement-learning stage of Thinkless (THINKLESS.md section 4).
+
+For each prompt the policy samples G responses; response token 0 is the control token c_i
+(<think> or <short>), tokens 1..T_i are the answer. Every token of response i gets the group
+advantage A_i = r_i - mean(r_1..r_G) (Dr. GRPO: no division by the std unless asked), and the
+PPO-style clipped surrogate with rho = pi_theta / pi_old:
+
+    L_{i,t} = -min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i)
+
+Vanilla GRPO averages L over all tokens, so the single control token of a long response weighs
+~1/(T_i + 1): long and short responses push the mode decision unequally and the mode collapses.
+DeGRPO splits the two objectives and weighs the control term with its own coefficient alpha:
+
+    loss = alpha * mean_i L_{i,0}  +  mean_{i, t>=1} L_{i,t}  +  beta * KL  -  h * entropy
+
+The file has two layers. The pure functions (group_advantages, policy_loss, kl_k3) are the
+formulas, tested against a direct transcription of the official ones. rl_step() is the loop
+around them: sample from the current weights, score, compute advantages, then optimizer steps on
+mini-batches whose losses are normalised over the whole mini-batch (all micro-batches, all
+ranks), so the result does not depend on how a step is split. The caller (train.py) owns the
+distributed setup and passes in the models and a reward function.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sampler import generate
+from sft import all_reduce_sum, micro_batches, pad_batch, token_logprobs
+
+# -----------------------------------------------------------------------------
+# The formulas
+
+
+def group_advantages(rewards, group_size, std_normalize=False):
+    """rewards [B*G] (groups of G consecutive samples) -> A [B*G], A_i = r_i - mean_group(r).
+
+    std_normalize=True is the original GRPO form A_i = (r_i - mean) / (std + 1e-6); the official
+    Thinkless run uses the Dr. GRPO form without it.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if std_normalize:
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-6)
+    return adv.view(-1)
+
+
+def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num_seqs=None, num_tokens=None,
+                per_sample=False):
+    """The clipped surrogate, decoupled (alpha given) or vanilla GRPO (alpha=None).
+
+    logp, old_logp, mask: [B, T], column 0 = the control token, mask = real response tokens.
+    advantages: [B]. Returns (loss, clip fraction of the masked tokens).
+    Denominators default to these tensors (the official formula); the trainer passes the counts of
+    the whole optimizer step instead:
+      DeGRPO:  num_seqs = number of responses, num_tokens = number of answer tokens (t >= 1)
+      vanilla: num_tokens = number of all response tokens (control token included)
+    per_sample=True is the paper's form of the answer term: mean_i (1/T_i) sum_{t>=1} L_{i,t}.
+    """
+    if not (logp.shape == old_logp.shape == mask.shape) or advantages.shape != logp.shape[:1]:
+        raise ValueError(f"shapes: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
+                         f"{tuple(mask.shape)} must match and advantages {tuple(advantages.shape)} must be [B]")
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)  # (B, T) rho = pi_theta / pi_old
+    adv = advantages[:, None].float()  # (B, 1): every token of response i shares A_i
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    per_token = -torch.min(unclipped, clipped) * mask  # (B, T) L_{i,t}
+    clip_frac = ((clipped < unclipped).float() * mask).sum() / mask.sum().clamp(min=1)
+    if alpha is None:  # vanilla GRPO: one mean over every token, control token included
+        return per_token.sum() / (num_tokens or mask.sum().clamp(min=1)), clip_frac
+    control = per_token[:, 0].sum() / (num_seqs or mask[:, 0].sum().clamp(min=1))  # mean_i L_{i,0}
+    answer, answer_mask = per_token[:, 1:], mask[:, 1:]
+    if per_sample:  # mean_i (1/T_i) sum_t L_{i,t}
+        answer_term = (answer.sum(1) / answer_mask.sum(1).clamp(min=1)).sum() / (num_seqs or mask[:, 0].sum().clamp(min=1))
+    else:  # mean over all answer tokens of the step
+        answer_term = answer.sum() / (num_tokens or answer_mask.sum().clamp(min=1))
+    return alpha * control + answer_term, clip_frac
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# -----------------------------------------------------------------------------
+# The RL step
+
+
+@dataclass
+class RLConfig:
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 0.6
+    max_new_tokens: int = 24576
+    alpha: float | None = 0.001  # control-token weight; None = vanilla GRPO
+    clip_eps: float = 0.2
+    beta: float = 0.001  # k3 KL to the frozen reference
+    entropy_coef: float = 0.001
+    std_normalize: bool = False
+    per_sample: bool = False  # the paper's 1/T_i normalisation of the answer term
+    drop_equal_groups: bool = False  # drop groups whose rewards are all equal (off in the official run)
+    updates_per_rollout: int = 2  # optimizer steps per rollout batch (mini-batches of prompts)
+    micro_batch_tokens: int = 32768  # token budget of one forward/backward
+    max_batch: int = 64  # rows the sampler decodes together
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Rollout:
+    """One rank's sampled batch, flattened to B*G responses in group order."""
+
+    prompts: list  # [B*G] prompt ids (repeated G times)
+    responses: list  # [B*G] response ids (control token first)
+    sampler_logp: list  # [B*G] sampler log-probs per response token
+    rewards: torch.Tensor  # (B*G,)
+    details: list  # [B*G] whatever reward_fn returned beside the reward (mode, correct, ...)
+    truncated: torch.Tensor  # (B*G,) bool
+
+
+def sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg: RLConfig, seed, eos_id, vocab_size,
+                    sample_seeds=None):
+    """G samples per prompt from the (unsharded) sampler copy, scored by reward_fn(tokens, answer)
+    -> (reward, details dict with at least "mode" and "correct")."""
+    outs = generate(sampler_model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=(eos_id,),
+                    n=cfg.group_size, seed=seed, vocab_size=vocab_size, max_batch=cfg.max_batch,
+                    )
+    prompts, responses, logps, rewards, details, truncated = [], [], [], [], [], []
+    for p, answer, group in zip(prompt_ids, answers, outs):
+        for c in group:
+            reward, info = reward_fn(c.tokens, answer)
+            prompts.append(p)
+            responses.append(c.tokens)
+            logps.append(c.logprobs)
+            rewards.append(reward)
+            details.append(info)
+            truncated.append(c.finish_reason == "length")
+    return Rollout(prompts, responses, logps, torch.tensor(rewards, dtype=torch.float32), details,
+                   torch.tensor(truncated))
+
+
+def response_logprobs(model, prompts, responses, temperature, with_entropy=False):
+    """Log-probs (and entropies) of the response tokens: [B, T] right-padded, column 0 = control."""
+    idx, targets, starts = pad_batch(prompts, responses, model_device(model))
+    logp, entropy = token_logprobs(model, idx, targets, temperature, with_entropy=True)  # (B, L) each
+    T = max(len(r) for r in responses)
+    cols = (starts[:, None] + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (B, T)
+    logp = logp.gather(1, cols)
+    return (logp, entropy.gather(1, cols)) if with_entropy else logp
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def response_mask(responses, device):
+    T = max(len(r) for r in responses)
+    lens = torch.tensor([len(r) for r in responses], device=device)
+    return torch.arange(T, device=device)[None, :] < lens[:, None]  # (B, T)
+
+
+def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: RLConfig, world_size=1):
+    """cfg.updates_per_rollout optimizer steps over mini-batches of the rollout; returns metrics."""
+    device = model_device(policy)
+    n = len(rollout.responses)
+    keep = [i for i in range(n) if not (cfg.drop_equal_groups and rollout.details[i].get("group_equal"))]
+    lengths = [len(rollout.prompts[i]) + len(rollout.responses[i]) for i in range(n)]
+    sampler_logp = [torch.tensor(rollout.sampler_logp[i]) for i in range(n)]
+    # Old and reference log-probs are fixed for the whole rollout: computed once, without grad.
+    old_logp, ref_logp = [None] * n, [None] * n
+    with torch.no_grad():
+        for mb in micro_batches(keep, lengths, cfg.micro_batch_tokens):
+            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
+            for store, model, needed in ((old_logp, policy, cfg.updates_per_rollout > 1), (ref_logp, ref_model, cfg.beta)):
+                if needed:  # on-policy with one update: old = current logp, detached in the loop below
+                    lp = response_logprobs(model, prompts, responses, cfg.temperature)  # (b, T)
+                    for j, i in enumerate(mb):
+                        store[i] = lp[j, : len(responses[j])]
+    metrics = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "logp_gap": 0.0, "loss": 0.0}
+    splits = [keep[len(keep) * k // cfg.updates_per_rollout: len(keep) * (k + 1) // cfg.updates_per_rollout]
+              for k in range(cfg.updates_per_rollout)]
+    for split in splits:
+        # Denominators of the whole mini-batch, summed over ranks: each micro-batch's loss is a sum
+        # divided by these, times world_size because FSDP/DDP average gradients over ranks.
+        counts = torch.tensor([len(split), sum(len(rollout.responses[i]) - 1 for i in split),
+                               sum(len(rollout.responses[i]) for i in split)], dtype=torch.float64)
+        num_seqs, num_answer, num_all = all_reduce_sum(counts, device).tolist()
+        if num_seqs == 0:
+            continue
+        stats = torch.zeros(6, dtype=torch.float64)  # loss, clipped tokens, kl sum, entropy sum, gap sum, tokens
+        for mb in micro_batches(split, lengths, cfg.micro_batch_tokens):
+            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
+            mask = response_mask(responses, device)  # (b, T)
+            logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, with_entropy=True)
+            old = _stack([old_logp[i] for i in mb], mask) if cfg.updates_per_rollout > 1 else logp.detach()
+            loss, clip_frac = policy_loss(logp, old, advantages[mb].to(device), mask, alpha=cfg.alpha,
+                                          clip_eps=cfg.clip_eps, num_seqs=num_seqs,
+                                          num_tokens=num_all if cfg.alpha is None else max(num_answer, 1),
+                                          per_sample=cfg.per_sample)
+            m = mask.float()
+            if cfg.beta:
+                kl = kl_k3(logp, _stack([ref_logp[i] for i in mb], mask))
+                loss = loss + cfg.beta * (kl * m).sum() / num_all
+                stats[2] += (kl.detach() * m).sum().item()
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * (entropy * m).sum() / num_all
+            (loss * world_size).backward()
+            stats[0] += loss.item()
+            stats[1] += clip_frac.item() * m.sum().item()
+            stats[3] += (entropy.detach() * m).sum().item()
+            gap = (logp.detach().cpu() - _stack([sampler_logp[i] for i in mb], mask.cpu())).abs() * m.cpu()
+            stats[4] += gap.sum().item()
+            stats[5] += m.sum().item()
+        stats = all_reduce_sum(stats, device)
+        if not torch.isfinite(stats[0]):
+            raise FloatingPointError(f"non-finite RL loss {stats[0].item()} (stopping before the optimizer step)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = stats[5].item()
+        for key, value in (("loss", stats[0].item()), ("clip_frac", stats[1].item() / tokens),
+                           ("kl", stats[2].item() / tokens), ("entropy", stats[3].item() / tokens),
+                           ("logp_gap", stats[4].item() / tokens), ("grad_norm", grad_norm.item())):
+            metrics[key] += value / len(splits)
+    return metrics
+
+
+def _stack(rows, mask):
+    """List of 1-D tensors -> [B, T] zero-padded like mask."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = r.to(mask.device)
+    return out
+
+
+def rollout_metrics(rollout: Rollout, group_size, device):
+    """Counts summed over ranks: think/short samples, accuracy per mode, all-correct/all-wrong groups..."""
+    modes = [d.get("mode") for d in rollout.details]
+    correct = torch.tensor([bool(d.get("correct")) for d in rollout.details])
+    think = torch.tensor([m == "think" for m in modes])
+    short = torch.tensor([m == "short" for m in modes])
+    lengths = torch.tensor([len(r) for r in rollout.responses], dtype=torch.float64)
+    groups = correct.view(-1, group_size)
+    sums = torch.tensor([len(modes), think.sum(), short.sum(), (correct & think).sum(), (correct & short).sum(),
+                         correct.sum(), groups.all(1).sum(), (~groups).all(1).sum(), groups.shape[0],
+                         rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum()], dtype=torch.float64)
+    s = all_reduce_sum(sums, device).tolist()
+    max_len = torch.tensor([lengths.max().item()], dtype=torch.float64)
+    if dist.is_initialized():
+        max_len = max_len.to(device)
+        dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
+    n = max(s[0], 1)
+    return {"samples": int(s[0]), "think": int(s[1]), "short": int(s[2]),
+            "acc_think": s[3] / max(s[1], 1), "acc_short": s[4] / max(s[2], 1), "accuracy": s[5] / n,
+            "groups_all_correct": int(s[6]), "groups_all_wrong": int(s[7]), "groups": int(s[8]),
+            "reward": s[9] / n, "response_len": s[10] / n, "response_len_max": int(max_len.item()),
+            "truncated_frac": s[11] / n}
+
+
+def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, reward_fn, cfg: RLConfig, seed,
+            eos_id, vocab_size, sample_seeds=None, world_size=1):
+    """One rollout batch: sample, score, advantages, cfg.updates_per_rollout optimizer steps. Metrics dict."""
+    device = model_device(policy)
+    t0 = time.time()
+    rollout = sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg, seed, eos_id, vocab_size,
+                              sample_seeds)
+    t1 = time.time()
+    advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.std_normalize)
+    equal = (rollout.rewards.view(-1, cfg.group_size) == rollout.rewards.view(-1, cfg.group_size)[:, :1]).all(1)
+    for i, d in enumerate(rollout.details):
+        d["group_equal"] = bool(equal[i // cfg.group_size])
+    metrics = rollout_metrics(rollout, cfg.group_size, device)
+    metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size))
+    metrics.update(rollout_time=t1 - t0, update_time=time.time() - t1)
+    return metrics

@@ -1,0 +1,358 @@
+"""
+The entry point: `python train.py` runs the toy demo on a CPU; `torchrun --nproc_per_node=4
+train.py --stage sft|rl --model DIR --data FILE ...` runs a stage of Thinkless for real.
+
+Defaults are the official hyperparameters for DeepSeek-R1-Distill-Qwen-1.5B (THINKLESS.md
+sections 3 and 4); flags that default to None take the stage's official value.
+
+Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
+  - The trained model is sharded with FSDP2 (`fully_shard` on every block, then the root), bf16
+    compute on GPU, fp32 master weights and fp32 gradient reduction, so one script scales from
+    one GPU to several and to a 7B model.
+  - Each rank takes a contiguous slice of the global batch. Losses are normalised by counts summed
+    over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
+  - RL samples from an unsharded copy of the current weights (bf16 on GPU), refreshed after every
+    update: gathering sharded weights at every decode step would make rollouts crawl.
+Checkpoints: out/step_NNNNNN/ is a Hugging Face folder (config.json, safetensors, tokenizer) that
+transformers and eval.py load, plus trainer/ (sharded fp32 weights + optimizer state, written
+with torch.distributed.checkpoint) and trainer_state.json. Everything is written to a temporary
+folder first and renamed at the end, so a crash mid-save leaves the previous checkpoint intact.
+The data order and the sampling seeds derive from (seed, step), so --resume continues exactly.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import chat
+import degrpo
+import sft
+from model import Transformer
+from rewards import reward_details
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    preset: str | None = field(default=None, metadata={"help": "toy: the CPU demo end to end (the default without --model)"})
+    stage: str = field(default="rl", metadata={"help": "sft (warm-up distillation) or rl (DeGRPO)"})
+    model: str | None = field(default=None, metadata={"help": "Hugging Face checkpoint folder to start from"})
+    data: str | None = field(default=None, metadata={"help": "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}"})
+    out: str = field(default="runs/thinkless", metadata={"help": "checkpoints and metrics.jsonl go here"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (sft) / rollout batches (rl); sft default: one pass"})
+    batch_size: int = field(default=128, metadata={"help": "global: sequences per sft step, prompts per rl step"})
+    lr: float | None = field(default=None, metadata={"help": "peak lr; default 1e-5 (sft, cosine) / 1e-6 (rl, constant)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "sft: end of the cosine decay"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "sft: share of steps in linear warm-up"})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW; default 0.1 (sft) / 0.01 (rl)"})
+    grad_clip: float = 1.0
+    max_len: int = field(default=16384, metadata={"help": "sft: drop pairs longer than this many tokens"})
+    max_prompt_len: int = field(default=1024, metadata={"help": "rl: skip problems whose prompt is longer"})
+    max_new_tokens: int = field(default=24576, metadata={"help": "rl: response length cap"})
+    micro_batch_tokens: int = field(default=32768, metadata={"help": "tokens (rows x longest) per forward/backward"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    group_size: int = 8
+    temperature: float = 0.6
+    alpha: str = field(default="0.001", metadata={"help": "DeGRPO control-token weight, or 'none' for vanilla GRPO"})
+    beta: float = field(default=0.001, metadata={"help": "k3 KL weight (0: no reference model)"})
+    entropy_coef: float = 0.001
+    clip_eps: float = 0.2
+    correct_think: float = field(default=0.5, metadata={"help": "reward of a correct think answer (short: 1.0)"})
+    updates_per_rollout: int = field(default=2, metadata={"help": "optimizer steps per rollout batch"})
+    std_normalize: bool = field(default=False, metadata={"help": "divide advantages by the group std"})
+    per_sample: bool = field(default=False, metadata={"help": "paper's 1/T_i normalisation of the answer term"})
+    drop_equal_groups: bool = False
+    max_batch: int = field(default=64, metadata={"help": "rows the sampler decodes together"})
+    save_every: int = 50
+    keep_last: int = 3
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    seed: int = 0
+
+    def stage_default(self, name, sft_value, rl_value):
+        value = getattr(self, name)
+        return value if value is not None else (sft_value if self.stage == "sft" else rl_value)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", " "))
+        else:
+            kind = {int: int, float: float}.get(f.type) or {"int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help", " "))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.stage not in ("sft", "rl"):
+        parser.error(f"--stage must be sft or rl, got {cfg.stage!r}")
+    if cfg.preset is None and cfg.model is None:
+        cfg.preset = "toy"
+    if cfg.preset not in (None, "toy"):
+        parser.error(f"--preset must be toy, got {cfg.preset!r}")
+    if cfg.preset is None and cfg.data is None:
+        parser.error("--data is required with --model")
+    if cfg.alpha.lower() != "none":
+        float(cfg.alpha)  # fail early on a typo
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup
+
+
+def setup_distributed():
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+
+def shard(model, device):
+    """FSDP2: every block a unit, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def full_state(model):
+    """Our-named full tensors of a (possibly sharded) model; a collective under FSDP."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in model.state_dict().items()}
+
+
+def copy_weights(src_model, dst_model):
+    """Refreshes the unsharded sampler copy from the trained (sharded) model."""
+    with torch.no_grad():
+        dst = dst_model.state_dict()
+        for name, tensor in full_state(src_model).items():
+            dst[name].copy_(tensor)
+
+
+def print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
+    """out/step_NNNNNN/: HF weights + tokenizer + trainer/ (DCP) + trainer_state.json, atomically."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    final = os.path.join(out, f"step_{step:06d}")
+    tmp = os.path.join(out, f".step_{step:06d}.tmp")
+    weights = full_state(policy)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sample_dtype = torch.bfloat16 if weights["norm.weight"].is_cuda else torch.float32
+        policy_unwrapped = policy  # save_pretrained only needs the config from the model
+        Transformer.save_pretrained(policy_unwrapped, tmp, state_dict={k: v.to(sample_dtype) for k, v in weights.items()})
+        chat.save_tokenizer(tokenizer, tmp)
+    del weights
+    barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer"))
+    barrier()
+    if rank0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep_last]:
+            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(out):
+    steps = sorted(d for d in os.listdir(out) if d.startswith("step_")) if os.path.isdir(out) else []
+    return os.path.join(out, steps[-1]) if steps else None
+
+
+def load_checkpoint(path, policy, optimizer):
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def batch_indices(n_items, batch_size, step, seed, rank, world):
+    """This rank's slice of the global batch of `step`: a fresh permutation of the data per epoch,
+    derived from (seed, epoch) so that a resumed run sees the same order."""
+    start = step * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, n_items)
+        perm = list(range(n_items))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    per_rank = batch_size // world
+    return out[rank * per_rank: (rank + 1) * per_rank], list(range(start + rank * per_rank, start + (rank + 1) * per_rank))
+
+
+def read_problems(path):
+    """[(problem, answer)] from JSONL {problem, answer} (answer: string or list of strings)."""
+    out = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                problem, answer = rec["problem"], rec["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with problem and answer ({e})") from None
+            out.append((problem, answer))
+    if not out:
+        raise ValueError(f"{path}: no problems")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
+    """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
+    on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot)."""
+    rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), _device())
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    torch.manual_seed(cfg.seed)
+    tokenizer = chat.load_tokenizer(cfg.model)
+    ids = chat.control_ids(tokenizer)
+    policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    policy.gradient_checkpointing = cfg.grad_checkpointing
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if world > 1:
+        shard(policy, device)
+    lr = cfg.stage_default("lr", 1e-5, 1e-6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
+
+    if cfg.stage == "sft":
+        pairs = sft.read_sft_jsonl(cfg.data)
+        examples = [(chat.encode_prompt(tokenizer, q), tokenizer.encode(r, add_special_tokens=False).ids + [ids.eos])
+                    for q, r in pairs]
+        kept = [e for e in examples if len(e[0]) + len(e[1]) <= cfg.max_len]
+        print0(f"sft: {len(kept)} pairs ({len(examples) - len(kept)} dropped over {cfg.max_len} tokens)")
+        items = kept
+        total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
+    else:
+        problems = read_problems(cfg.data)
+        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
+        items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
+        print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
+        total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
+        sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        sampler_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval()
+        ref_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval() if cfg.beta else None
+        rl_cfg = degrpo.RLConfig(
+            group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+            alpha=None if cfg.alpha.lower() == "none" else float(cfg.alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
+            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
+            drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
+            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip)
+
+        def reward_fn(tokens, answer):
+            d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
+            reward = -1.0 if not d.format_ok or not d.correct else (1.0 if d.mode == "short" else cfg.correct_think)
+            return reward, {"mode": d.mode, "correct": bool(d.correct)}
+
+    start = 0
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume and (ckpt := latest_checkpoint(cfg.out)):
+        start = load_checkpoint(ckpt, policy, optimizer)["step"]
+        print0(f"resumed from {ckpt} at step {start}")
+        if cfg.stage == "rl":
+            copy_weights(policy, sampler_model)
+    metrics_file = os.path.join(cfg.out, "metrics.jsonl")
+    t_start, last_ckpt = time.time(), None
+    for step in range(start, total_steps):
+        mine, positions = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
+        if cfg.stage == "sft":
+            lr_now = sft.cosine_lr(step, total_steps, lr, cfg.min_lr, cfg.warmup_frac)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now
+            m = sft.sft_step(policy, optimizer, [items[i][0] for i in mine], [items[i][1] for i in mine],
+                             cfg.micro_batch_tokens, cfg.grad_clip, world)
+            line = f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3f} | lr {lr_now:.2e}"
+        else:
+            m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
+                               [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
+                               eos_id=ids.eos, vocab_size=vocab_size, sample_seeds=positions, world_size=world)
+            copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
+            line = (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
+                    f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "
+                    f"clip {m['clip_frac']:.3f} | grad {m['grad_norm']:.3f}")
+        elapsed = time.time() - t_start
+        eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
+        print0(f"{cfg.stage} step {step + 1}/{total_steps} | {line} | {elapsed / (step + 1 - start):.1f}s/step | ETA {eta / 60:.1f}m")
+        if rank == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"stage": cfg.stage, "step": step + 1, **m}) + "\n")
+        if on_step and cfg.stage == "rl" and rank == 0:
+            on_step(step + 1, sampler_model)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            state = {"step": step + 1, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
+            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last)
+            print0(f"saved {last_ckpt}")
+    return last_ckpt or latest_checkpoint(cfg.out)
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.preset == "toy":
+        import toy
+
+        toy.run_demo(cfg, train)
+    else:
+        train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
