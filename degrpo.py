@@ -173,12 +173,13 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
     # Old and reference log-probs are fixed for the whole rollout: computed once, without grad.
     old_logp, ref_logp = [None] * n, [None] * n
     with torch.no_grad():
-        for mb in micro_batches(keep, lengths, cfg.micro_batch_tokens):
+        for mb in micro_batches(range(n), lengths, cfg.micro_batch_tokens, device):
+            real, mb = bool(mb), mb or [0]  # an empty micro-batch keeps this rank in step (FSDP)
             prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
             for store, model, needed in ((old_logp, policy, cfg.updates_per_rollout > 1), (ref_logp, ref_model, cfg.beta)):
                 if needed:  # on-policy with one update: old = current logp, detached in the loop below
                     lp = response_logprobs(model, prompts, responses, cfg.temperature)  # (b, T)
-                    for j, i in enumerate(mb):
+                    for j, i in enumerate(mb if real else []):
                         store[i] = lp[j, : len(responses[j])]
     metrics = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "logp_gap": 0.0, "loss": 0.0}
     splits = [keep[len(keep) * k // cfg.updates_per_rollout: len(keep) * (k + 1) // cfg.updates_per_rollout]
@@ -192,9 +193,10 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
         if num_seqs == 0:
             continue
         stats = torch.zeros(6, dtype=torch.float64)  # loss, clipped tokens, kl sum, entropy sum, gap sum, tokens
-        for mb in micro_batches(split, lengths, cfg.micro_batch_tokens):
+        for mb in micro_batches(split, lengths, cfg.micro_batch_tokens, device):
+            real, mb = bool(mb), mb or [0]
             prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
-            mask = response_mask(responses, device)  # (b, T)
+            mask = response_mask(responses, device) & real  # (b, T), all False in a stand-in micro-batch
             logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, with_entropy=True)
             old = _stack([old_logp[i] for i in mb], mask) if cfg.updates_per_rollout > 1 else logp.detach()
             loss, clip_frac = policy_loss(logp, old, advantages[mb].to(device), mask, alpha=cfg.alpha,

@@ -71,15 +71,24 @@ def pad_batch(prompts, responses, device):
     return idx.to(device), targets.to(device), starts.to(device)
 
 
-def micro_batches(indices, lengths, token_budget):
-    """Groups indices (sorted longest first) so that rows x longest row stays within token_budget."""
+def micro_batches(indices, lengths, token_budget, device="cpu"):
+    """Groups indices (sorted longest first) so that rows x longest row stays within token_budget.
+
+    Under torch.distributed the list is padded with empty micro-batches up to the longest list of
+    any rank: FSDP all-gathers weights in every forward, so every rank must run as many. The
+    caller runs an empty one on a stand-in row with its loss multiplied by 0."""
     batches, current = [], []
     for i in sorted(indices, key=lambda i: -lengths[i]):
         if current and lengths[current[0]] * (len(current) + 1) > token_budget:
             batches.append(current)
             current = []
         current.append(i)
-    return batches + [current] if current else batches
+    batches = batches + [current] if current else batches
+    if dist.is_initialized():
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        batches += [[] for _ in range(int(n.item()) - len(batches))]
+    return batches
 
 
 # -----------------------------------------------------------------------------
@@ -118,10 +127,11 @@ def sft_step(model, optimizer, prompts, responses, micro_batch_tokens, grad_clip
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     num_tokens = all_reduce_sum(torch.tensor([float(sum(map(len, responses)))], dtype=torch.float64), device).item()
     loss_sum = torch.zeros(1, dtype=torch.float64)
-    for mb in micro_batches(range(len(prompts)), lengths, micro_batch_tokens):
+    for mb in micro_batches(range(len(prompts)), lengths, micro_batch_tokens, device):
+        real, mb = bool(mb), mb or [0]  # an empty micro-batch keeps this rank in step with the others
         idx, targets, _ = pad_batch([prompts[i] for i in mb], [responses[i] for i in mb], device)
         logp, _ = token_logprobs(model, idx, targets)  # (b, L), 0 outside the responses
-        loss = -logp.sum() / num_tokens
+        loss = -logp.sum() / num_tokens * real
         # FSDP/DDP average gradients over ranks; the loss is already normalised globally.
         (loss * world_size).backward()
         loss_sum += loss.item()

@@ -1,0 +1,210 @@
+"""Evaluate a checkpoint like the paper (THINKLESS.md, section 5): benchmark JSONL -> the table.
+
+    python eval.py --model DIR --data ../shared/data/math500.jsonl [more files] [--samples 5] [--max-new-tokens N]
+
+For every problem, `samples` completions are drawn with our sampler, one pass over the whole
+benchmark per seed 0..samples-1 (as the paper's five runs), at temperature 0.6 and top-p 0.95, from
+the prompt `instruction + question` in the R1-Distill template without `<think>` (chat.py), so the
+model chooses its mode. Each response is decoded with its control tokens kept and scored by
+rewards.py. Per benchmark:
+
+    Pass@1       mean accuracy over all samples (= mean over problems of the per-problem accuracy)
+    tokens       mean generated tokens per sample (control token included, end-of-sentence excluded)
+    think ratio  share of samples that start with <think>
+    acc think / acc short   accuracy among the samples of each mode
+    format err   share of samples with a format error (no control token, unclosed chain, no \\boxed{})
+    truncated    share of samples that hit max_new_tokens
+
+and the same per `level` when the problems carry one. Every generation with its reward details goes
+to a JSONL file, written as each seed finishes, so a long run that stops keeps what it did. Grading
+runs in a few threads (rewards.py bounds each call with worker processes), after each seed.
+
+One sampler call per seed covers the whole benchmark: the sampler keys its randomness by (seed,
+prompt index, sample index), so splitting a benchmark into chunks under one seed would give the
+problems of different chunks the same noise; one call also keeps the continuous batch full. So
+progress is reported once per seed.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from chat import control_ids, decode_response, encode_prompt, load_tokenizer
+from model import Transformer
+from rewards import reward_details, score
+from sampler import generate
+
+
+def load_problems(path) -> list[dict]:
+    """JSONL (one object a line) or JSON (a list of objects) with `problem` (str) and `answer`
+    (str, number, or a non-empty list of them). Other fields (`level`, ...) are kept."""
+    with open(path, encoding="utf-8") as f:
+        if str(path).endswith(".json"):
+            data = json.load(f)
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of problems, got {type(data).__name__}")
+            records = [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+        else:
+            records = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append((f"{path}:{n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    problems = []
+    for where, r in records:
+        if not isinstance(r, dict) or not isinstance(r.get("problem"), str) or not r["problem"].strip():
+            raise ValueError(f"{where}: expected an object with a non-empty string 'problem'")
+        answer = r.get("answer")
+        answers = answer if isinstance(answer, list) else [answer]
+        if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+            raise ValueError(f"{where}: 'answer' must be a string, a number or a non-empty list of them, "
+                             f"got {answer!r:.100}")
+        answers = [str(a) for a in answers]
+        problems.append({**r, "answer": answers if isinstance(answer, list) else answers[0]})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def summarize(records: list[dict]) -> dict:
+    def acc(rs):
+        return sum(r["correct"] for r in rs) / len(rs) if rs else None
+
+    n = len(records)
+    think = [r for r in records if r["mode"] == "think"]
+    short = [r for r in records if r["mode"] == "short"]
+    return {
+        "samples": n,
+        "pass@1": acc(records),
+        "mean_tokens": sum(r["tokens"] for r in records) / n,
+        "think_ratio": len(think) / n,
+        "think_acc": acc(think),
+        "short_acc": acc(short),
+        "format_error_rate": sum(not r["format_ok"] for r in records) / n,
+        "truncated_rate": sum(r["finish_reason"] == "length" for r in records) / n,
+    }
+
+
+def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temperature=0.6, top_p=0.95,
+             max_batch=64, is_equivalent=None, instruction=True, out_jsonl=None) -> dict:
+    """Samples and grades `samples` completions per problem; returns summarize() of them all, with a
+    "levels" dict of per-level summaries when the problems have a `level` field."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples={samples!r}: expected an int >= 1")
+    if not problems:
+        raise ValueError("problems: expected a non-empty list")
+    for i, p in enumerate(problems):
+        if not (isinstance(p, dict) and isinstance(p.get("problem"), str) and "answer" in p):
+            raise ValueError(f"problems[{i}]: expected a dict with 'problem' (str) and 'answer' (see load_problems)")
+    ids = control_ids(tokenizer)
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has ids up to {vocab_size - 1}, the model only {model.config.vocab_size} "
+                         f"embedding rows: the checkpoint and the tokenizer do not match")
+    prompts = [encode_prompt(tokenizer, p["problem"], instruction) for p in problems]
+    records, start = [], time.time()
+    with (open(out_jsonl, "w", encoding="utf-8") if out_jsonl else contextlib.nullcontext()) as out, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as graders:
+        for seed in range(samples):
+            t0 = time.time()
+            completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                                   stop_ids=(ids.eos,), n=1, seed=seed, vocab_size=vocab_size, max_batch=max_batch)
+            responses = [decode_response(tokenizer, c[0].tokens) for c in completions]
+            details = list(graders.map(lambda rp: reward_details(rp[0], rp[1]["answer"], is_equivalent),
+                                       zip(responses, problems)))
+            for i, (p, c, text, d) in enumerate(zip(problems, completions, responses, details)):
+                c = c[0]
+                rec = {"index": i, "seed": seed, "level": p.get("level"), "answer": p["answer"],
+                       "mode": d.mode, "format_ok": d.format_ok, "extracted": d.answer, "correct": d.correct,
+                       "reward": score(d), "error": d.error,
+                       "tokens": len(c.tokens) - (c.finish_reason == "stop"),  # the stop token is not counted
+                       "finish_reason": c.finish_reason, "response": text}
+                records.append(rec)
+                if out:
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if out:
+                out.flush()
+            so_far = summarize(records)
+            new_tokens = sum(len(c[0].tokens) for c in completions)
+            print(f"  seed {seed + 1}/{samples}: {len(problems)} problems, {new_tokens} tokens in "
+                  f"{time.time() - t0:.0f} s ({new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s); "
+                  f"pass@1 so far {so_far['pass@1']:.4f}, think {so_far['think_ratio']:.0%}, "
+                  f"elapsed {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    metrics = summarize(records)
+    levels = sorted({r["level"] for r in records if r["level"] is not None}, key=str)
+    if levels:
+        metrics["levels"] = {str(lv): summarize([r for r in records if r["level"] == lv]) for lv in levels}
+    return metrics
+
+
+def format_table(results: dict) -> str:
+    """{benchmark: evaluate() metrics} -> a text table, one row per benchmark (and per level)."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    head = f"{'benchmark':<24} {'samples':>7} {'pass@1':>7} {'tokens':>8} {'think%':>6} " \
+           f"{'acc think':>9} {'acc short':>9} {'fmt err':>7} {'trunc':>6}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        rows = [(name, m)] + [(f"  {lv}" if lv.lower().startswith("level") else f"  level {lv}", lm)
+                              for lv, lm in m.get("levels", {}).items()]
+        for label, r in rows:
+            lines.append(f"{label:<24} {r['samples']:>7} {r['pass@1']:>7.4f} {r['mean_tokens']:>8.1f} "
+                         f"{pct(r['think_ratio']):>6} {pct(r['think_acc']):>9} {pct(r['short_acc']):>9} "
+                         f"{pct(r['format_error_rate']):>7} {pct(r['truncated_rate']):>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint folder: config.json, safetensors, tokenizer.json")
+    ap.add_argument("--data", required=True, nargs="+", help="benchmark JSONL/JSON files (problem, answer)")
+    ap.add_argument("--samples", type=int, default=5, help="completions per problem, seeds 0..samples-1")
+    ap.add_argument("--max-new-tokens", type=int, default=32768)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-batch", type=int, default=64,
+                    help="rows decoded together; the KV cache holds max_batch x (prompt + max_new_tokens) tokens, "
+                         "28 KiB each for the 1.5B model in bf16: 64 x 33k = 60 GB")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
+    ap.add_argument("--no-instruction", action="store_true", help="raw question as the prompt (as in RL)")
+    ap.add_argument("--out-dir", default="eval_out", help="writes <benchmark>.jsonl and summary.json here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16, float32, ... (default: bfloat16 on cuda, float32 on cpu)")
+    args = ap.parse_args(argv)
+
+    benchmarks = {}
+    for path in args.data:  # all files checked before the model is loaded
+        name = os.path.splitext(os.path.basename(path))[0]
+        benchmarks[name] = load_problems(path)[:args.limit]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tokenizer = load_tokenizer(args.model)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"eval: {vars(args)}", file=sys.stderr)
+
+    results = {}
+    with torch.inference_mode():
+        for name, problems in benchmarks.items():
+            print(f"{name}: {len(problems)} problems x {args.samples} samples", file=sys.stderr, flush=True)
+            results[name] = evaluate(model, tokenizer, problems, samples=args.samples,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, max_batch=args.max_batch,
+                                     instruction=not args.no_instruction,
+                                     out_jsonl=os.path.join(args.out_dir, f"{name}.jsonl"))
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""eval.py: problem files, the metrics against hand-counted ones (scripted sampler), and the CLI end to
+end on a tiny random checkpoint (the numbers are meaningless there; the table and the JSONL are checked)."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_hf_model, save_hf_model
+from test_chat import make_word_tokenizer
+
+import eval as ev
+from chat import EOS, THINK, control_ids, encode_prompt, load_tokenizer, save_tokenizer
+from rewards import thinkless_reward
+from sampler import Completion
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_load_problems(tmp_path):
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"problem": "a", "answer": "1", "level": 2}, "",
+                                              {"problem": "b", "answer": ["2", 3]}, {"problem": "c", "answer": 4.5}])
+    assert ev.load_problems(path) == [{"problem": "a", "answer": "1", "level": 2},
+                                      {"problem": "b", "answer": ["2", "3"]}, {"problem": "c", "answer": "4.5"}]
+    with open(tmp_path / "ok.json", "w") as f:
+        json.dump([{"problem": "a", "answer": "1"}], f)
+    assert ev.load_problems(tmp_path / "ok.json") == [{"problem": "a", "answer": "1"}]
+    bad = [('{"problem": "a", "answer": "1"}\n{"problem": "b"', ":2: not valid JSON"),
+           ('{"problem": "a", "answer": "1"}\n\n{"question": "b", "answer": "1"}', ":3: expected an object"),
+           ('{"problem": "a", "answer": []}', ":1: 'answer' must be"),
+           ('{"problem": "a", "answer": true}', ":1: 'answer' must be"),
+           ('{"problem": "a", "answer": {"x": 1}}', ":1: 'answer' must be"),
+           ("\n", "no problems")]
+    for i, (text, message) in enumerate(bad):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"bad{i}.jsonl{message}" if message.startswith(":") else message):
+            ev.load_problems(path)
+    (tmp_path / "bad.json").write_text('{"problem": "a"}')
+    with pytest.raises(ValueError, match="JSON list"):
+        ev.load_problems(tmp_path / "bad.json")
+
+
+def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
+    tok = load_tokenizer(make_word_tokenizer(tmp_path / "tok"))
+    ids = control_ids(tok)
+    box3, the = tok.token_to_id("\\boxed{3}"), tok.token_to_id("the")
+    problems = [{"problem": "what is 1 + 2 ?", "answer": "3", "level": 1},
+                {"problem": "what is 2 + 1 ?", "answer": ["3", "three"], "level": 1},
+                {"problem": "what is 2 + 2 ?", "answer": "4", "level": 2}]
+    script = {  # (seed, problem) -> (tokens, finish reason)
+        (0, 0): ([ids.short, box3, ids.eos], "stop"),  # short, correct, 2 tokens
+        (0, 1): ([ids.think, the, ids.end_think, box3, ids.eos], "stop"),  # think, correct, 4 tokens
+        (0, 2): ([ids.short, box3, ids.eos], "stop"),  # short, wrong, 2 tokens
+        (1, 0): ([ids.think, the, the], "length"),  # think, truncated: format error, 3 tokens
+        (1, 1): ([ids.short, box3, ids.eos], "stop"),  # short, correct, 2 tokens
+        (1, 2): ([box3, ids.eos], "stop"),  # no control token: format error, 1 token
+    }
+    calls = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        calls.append(kw)
+        assert prompts == [encode_prompt(tok, p["problem"], instruction=True) for p in problems]
+        return [[Completion(*script[kw["seed"], i][:1], [0.0], script[kw["seed"], i][1])] for i in range(3)]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"vocab_size": 320})()
+    out = tmp_path / "out.jsonl"
+    m = ev.evaluate(model, tok, problems, samples=2, max_new_tokens=16, out_jsonl=out)
+    assert [c["seed"] for c in calls] == [0, 1]
+    assert all(c["temperature"] == 0.6 and c["top_p"] == 0.95 and c["stop_ids"] == (ids.eos,) and c["n"] == 1
+               and c["vocab_size"] == tok.get_vocab_size() for c in calls)
+    expected = {"samples": 6, "pass@1": 3 / 6, "mean_tokens": 14 / 6, "think_ratio": 2 / 6, "think_acc": 1 / 2,
+                "short_acc": 2 / 3, "format_error_rate": 2 / 6, "truncated_rate": 1 / 6}
+    levels = m.pop("levels")
+    assert m == pytest.approx(expected)
+    assert levels["1"] == pytest.approx({"samples": 4, "pass@1": 0.75, "mean_tokens": 11 / 4, "think_ratio": 0.5,
+                                         "think_acc": 0.5, "short_acc": 1.0, "format_error_rate": 0.25,
+                                         "truncated_rate": 0.25})
+    assert levels["2"]["pass@1"] == 0 and levels["2"]["think_ratio"] == 0 and levels["2"]["think_acc"] is None
+    records = [json.loads(line) for line in open(out)]
+    assert [r["reward"] for r in records] == [1.0, 0.5, -1.0, -1.0, 1.0, -1.0]
+    assert [r["mode"] for r in records] == ["short", "think", "short", "think", "short", None]
+    assert records[1]["response"].split() == [THINK, "the", "</think>", "\\boxed{3}"]  # control tokens kept, no eos
+    table = ev.format_table({"bench": {**m, "levels": levels}})
+    assert "bench" in table and "0.5000" in table and "33.3%" in table and "level 2" in table
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    ckpt = save_hf_model(make_hf_model("qwen2", vocab_size=320), tmp_path / "ckpt")
+    save_tokenizer(load_tokenizer(make_word_tokenizer(tmp_path / "tok")), ckpt)
+    data = write_jsonl(tmp_path / "bench.jsonl", [{"problem": "what is 1 + 2 ?", "answer": "3", "level": "Level 1"},
+                                                  {"problem": "what is the answer ?", "answer": ["3", "4"],
+                                                   "level": "Level 2"},
+                                                  {"problem": "please reason", "answer": "2", "level": "Level 1"},
+                                                  {"problem": "not used", "answer": "2"}])
+    out_dir = tmp_path / "out"
+    argv = ["--model", ckpt, "--data", data, "--samples", "2", "--max-new-tokens", "6", "--max-batch", "4",
+            "--limit", "3", "--temperature", "1.0", "--top-p", "1.0", "--out-dir"]
+    results = ev.main(argv + [str(out_dir)])
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:4] == ["benchmark", "samples", "pass@1", "tokens"]
+    rows = [line.split() for line in table.splitlines()[2:]]  # name, samples, ...
+    assert [r[:2] for r in rows] == [["bench", "6"], ["Level", "1"], ["Level", "2"]]
+    assert [r[2] for r in rows[1:]] == ["4", "2"]
+    records = [json.loads(line) for line in open(out_dir / "bench.jsonl")]
+    assert len(records) == 6 and sorted((r["index"], r["seed"]) for r in records) == [(i, s) for i in range(3)
+                                                                                      for s in range(2)]
+    tok = load_tokenizer(ckpt)
+    vocab = tok.get_vocab()
+    for r in records:
+        assert r["reward"] == thinkless_reward(r["response"], r["answer"])  # details and reward agree
+        assert 1 <= r["tokens"] <= 6 and r["finish_reason"] in ("stop", "length")
+        assert EOS not in r["response"] and all(w in vocab for w in r["response"].split())  # no padded rows
+    assert results["bench"]["samples"] == 6 and set(results["bench"]["levels"]) == {"Level 1", "Level 2"}
+    summary = json.load(open(out_dir / "summary.json"))
+    assert summary["results"] == json.loads(json.dumps(results))
+    assert results["bench"]["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in records) / 6)
+    # seeded: the same run gives the same generations
+    ev.main(argv + [str(tmp_path / "again")])
+    again = [json.loads(line) for line in open(tmp_path / "again" / "bench.jsonl")]
+    assert [r["response"] for r in again] == [r["response"] for r in records]
+
+
+def test_cli_bad_data_fails_before_loading_the_model(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"problem": "a", "answer": "1"}', '{"problem": "b"}'])
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        ev.main(["--model", str(tmp_path / "missing"), "--data", bad])
