@@ -94,9 +94,14 @@ def summarize(records: list[dict]) -> dict:
 
 
 def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temperature=0.6, top_p=0.95,
-             max_batch=64, is_equivalent=None, instruction=True, out_jsonl=None) -> dict:
+             max_batch=64, is_equivalent=None, instruction=True, out_jsonl=None, force_mode=None,
+             progress=True) -> dict:
     """Samples and grades `samples` completions per problem; returns summarize() of them all, with a
-    "levels" dict of per-level summaries when the problems have a `level` field."""
+    "levels" dict of per-level summaries when the problems have a `level` field.
+    force_mode "think" or "short" writes that control token as the first response token (the
+    always-think / always-short baselines) instead of letting the model choose."""
+    if force_mode not in (None, "think", "short"):
+        raise ValueError(f"force_mode={force_mode!r}: expected None, 'think' or 'short'")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r}: expected an int >= 1")
     if not problems:
@@ -109,7 +114,8 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
     if vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has ids up to {vocab_size - 1}, the model only {model.config.vocab_size} "
                          f"embedding rows: the checkpoint and the tokenizer do not match")
-    prompts = [encode_prompt(tokenizer, p["problem"], instruction) for p in problems]
+    forced = [getattr(ids, force_mode)] if force_mode else []
+    prompts = [encode_prompt(tokenizer, p["problem"], instruction) + forced for p in problems]
     records, start = [], time.time()
     with (open(out_jsonl, "w", encoding="utf-8") if out_jsonl else contextlib.nullcontext()) as out, \
             ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as graders:
@@ -117,6 +123,8 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
             t0 = time.time()
             completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                                    stop_ids=(ids.eos,), n=1, seed=seed, vocab_size=vocab_size, max_batch=max_batch)
+            for c in completions:  # the forced control token counts as the response's first token
+                c[0].tokens = forced + c[0].tokens
             responses = [decode_response(tokenizer, c[0].tokens) for c in completions]
             details = list(graders.map(lambda rp: reward_details(rp[0], rp[1]["answer"], is_equivalent),
                                        zip(responses, problems)))
@@ -134,10 +142,11 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
                 out.flush()
             so_far = summarize(records)
             new_tokens = sum(len(c[0].tokens) for c in completions)
-            print(f"  seed {seed + 1}/{samples}: {len(problems)} problems, {new_tokens} tokens in "
-                  f"{time.time() - t0:.0f} s ({new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s); "
-                  f"pass@1 so far {so_far['pass@1']:.4f}, think {so_far['think_ratio']:.0%}, "
-                  f"elapsed {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+            if progress:
+                print(f"  seed {seed + 1}/{samples}: {len(problems)} problems, {new_tokens} tokens in "
+                      f"{time.time() - t0:.0f} s ({new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s); "
+                      f"pass@1 so far {so_far['pass@1']:.4f}, think {so_far['think_ratio']:.0%}, "
+                      f"elapsed {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     metrics = summarize(records)
     levels = sorted({r["level"] for r in records if r["level"] is not None}, key=str)
     if levels:

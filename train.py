@@ -41,7 +41,7 @@ import chat
 import degrpo
 import sft
 from model import Transformer
-from rewards import reward_details
+from rewards import reward_details, score
 
 # -----------------------------------------------------------------------------
 # Config
@@ -294,8 +294,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
 
         def reward_fn(tokens, answer):
             d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
-            reward = -1.0 if not d.format_ok or not d.correct else (1.0 if d.mode == "short" else cfg.correct_think)
-            return reward, {"mode": d.mode, "correct": bool(d.correct)}
+            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct}
 
     start = 0
     os.makedirs(cfg.out, exist_ok=True)
@@ -342,12 +341,69 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# -----------------------------------------------------------------------------
+# The toy demo: the whole method on a CPU in minutes (toy.py explains the task)
+
+
+def run_toy(cfg: TrainConfig):
+    """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot."""
+    import eval as evaluation
+    import toy
+
+    out = cfg.out
+    base = os.path.join(out, "base")
+    torch.manual_seed(cfg.seed)
+    tokenizer = toy.build_tokenizer()
+    Transformer(toy.toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
+    chat.save_tokenizer(tokenizer, base)
+    toy.write_toy_data(out, cfg.seed)
+    test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
+    probe = test[:: max(1, len(test) // toy.PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
+    exact = toy.is_equivalent
+
+    def measure(model_dir_or_model, problems, force_mode=None):
+        model = model_dir_or_model
+        if isinstance(model, str):
+            model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
+        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=toy.MAX_NEW_TOKENS,
+                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=exact,
+                                   instruction=False, force_mode=force_mode, progress=False)
+
+    t0 = time.time()
+    sft_ckpt = train(dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
+                                         out=os.path.join(out, "sft"), **toy.SFT_OVERRIDES))
+    print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
+    before = measure(sft_ckpt, test)
+    print(evaluation.format_table({"toy (SFT)": before}))
+
+    history = []
+
+    def on_step(step, sampler_model):
+        if step % toy.PROBE_EVERY == 0 or step == 1:
+            history.append((step, measure(sampler_model, probe)))
+
+    history.append((0, measure(sft_ckpt, probe)))
+    rl_ckpt = train(dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
+                                        out=os.path.join(out, "rl"), **toy.RL_OVERRIDES), is_equivalent=exact, on_step=on_step)
+    after = measure(rl_ckpt, test)
+    always_think = measure(rl_ckpt, test, force_mode="think")
+    name = "vanilla GRPO" if cfg.alpha.lower() == "none" else "DeGRPO"
+    print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
+    print(evaluation.format_table({"toy (SFT)": before, f"toy ({name})": after, "always think": always_think}))
+    plot = os.path.join(out, "think_ratio.png")
+    toy.plot_history(history, plot, title=f"toy task, {name}")
+    summary = {"sft": before, "rl": after, "always_think": always_think,
+               "history": [{"step": s, **m} for s, m in history]}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")
+    return summary
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.preset == "toy":
-        import toy
-
-        toy.run_demo(cfg, train)
+        run_toy(cfg)
     else:
         train(cfg)
     if dist.is_initialized():
