@@ -123,12 +123,13 @@ class Rollout:
 
 
 def sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg: RLConfig, seed, eos_id, vocab_size,
-                    sample_seeds=None):
+                    first_index=0):
     """G samples per prompt from the (unsharded) sampler copy, scored by reward_fn(tokens, answer)
-    -> (reward, details dict with at least "mode" and "correct")."""
+    -> (reward, details dict with at least "mode" and "correct"). first_index: the position of
+    prompt_ids[0] in the global batch, so that each rank draws the samples a single process would."""
     outs = generate(sampler_model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=(eos_id,),
                     n=cfg.group_size, seed=seed, vocab_size=vocab_size, max_batch=cfg.max_batch,
-                    )
+                    first_index=first_index)
     prompts, responses, logps, rewards, details, truncated = [], [], [], [], [], []
     for p, answer, group in zip(prompt_ids, answers, outs):
         for c in group:
@@ -163,8 +164,10 @@ def response_mask(responses, device):
     return torch.arange(T, device=device)[None, :] < lens[:, None]  # (B, T)
 
 
-def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: RLConfig, world_size=1):
-    """cfg.updates_per_rollout optimizer steps over mini-batches of the rollout; returns metrics."""
+def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: RLConfig, world_size=1, first_index=0):
+    """cfg.updates_per_rollout optimizer steps over mini-batches of the rollout; returns metrics.
+    Mini-batch k holds the groups whose global prompt index (first_index + local index) is k modulo
+    updates_per_rollout: the same mini-batches however the batch is split over ranks."""
     device = model_device(policy)
     n = len(rollout.responses)
     keep = [i for i in range(n) if not (cfg.drop_equal_groups and rollout.details[i].get("group_equal"))]
@@ -182,8 +185,8 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
                     for j, i in enumerate(mb if real else []):
                         store[i] = lp[j, : len(responses[j])]
     metrics = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "logp_gap": 0.0, "loss": 0.0}
-    splits = [keep[len(keep) * k // cfg.updates_per_rollout: len(keep) * (k + 1) // cfg.updates_per_rollout]
-              for k in range(cfg.updates_per_rollout)]
+    U = cfg.updates_per_rollout
+    splits = [[i for i in keep if (first_index + i // cfg.group_size) % U == k] for k in range(U)]
     for split in splits:
         # Denominators of the whole mini-batch, summed over ranks: each micro-batch's loss is a sum
         # divided by these, times world_size because FSDP/DDP average gradients over ranks.
@@ -265,18 +268,18 @@ def rollout_metrics(rollout: Rollout, group_size, device):
 
 
 def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, reward_fn, cfg: RLConfig, seed,
-            eos_id, vocab_size, sample_seeds=None, world_size=1):
+            eos_id, vocab_size, first_index=0, world_size=1):
     """One rollout batch: sample, score, advantages, cfg.updates_per_rollout optimizer steps. Metrics dict."""
     device = model_device(policy)
     t0 = time.time()
     rollout = sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg, seed, eos_id, vocab_size,
-                              sample_seeds)
+                              first_index)
     t1 = time.time()
     advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.std_normalize)
     equal = (rollout.rewards.view(-1, cfg.group_size) == rollout.rewards.view(-1, cfg.group_size)[:, :1]).all(1)
     for i, d in enumerate(rollout.details):
         d["group_equal"] = bool(equal[i // cfg.group_size])
     metrics = rollout_metrics(rollout, cfg.group_size, device)
-    metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size))
+    metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size, first_index))
     metrics.update(rollout_time=t1 - t0, update_time=time.time() - t1)
     return metrics

@@ -23,6 +23,7 @@ The data order and the sampling seeds derive from (seed, step), so --resume cont
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -214,18 +215,21 @@ def barrier():
 # Data
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n_items, seed, epoch):
+    """The data order of one epoch: a permutation derived from (seed, epoch), so a resumed run sees
+    the same order. Cached: a step reads at most two epochs."""
+    order = list(range(n_items))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return order
+
+
 def batch_indices(n_items, batch_size, step, seed, rank, world):
-    """This rank's slice of the global batch of `step`: a fresh permutation of the data per epoch,
-    derived from (seed, epoch) so that a resumed run sees the same order."""
-    start = step * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, n_items)
-        perm = list(range(n_items))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.append(perm[offset])
+    """This rank's slice of the global batch of `step`, and the global position of its first item
+    (the sampler's draws are keyed by it, so N ranks sample what one process would)."""
     per_rank = batch_size // world
-    return out[rank * per_rank: (rank + 1) * per_rank], list(range(start + rank * per_rank, start + (rank + 1) * per_rank))
+    first = step * batch_size + rank * per_rank
+    return [epoch_order(n_items, seed, pos // n_items)[pos % n_items] for pos in range(first, first + per_rank)], first
 
 
 def read_problems(path):
@@ -306,7 +310,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
     t_start, last_ckpt = time.time(), None
     for step in range(start, total_steps):
-        mine, positions = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
+        mine, first = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
         if cfg.stage == "sft":
             lr_now = sft.cosine_lr(step, total_steps, lr, cfg.min_lr, cfg.warmup_frac)
             for g in optimizer.param_groups:
@@ -317,7 +321,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, sample_seeds=positions, world_size=world)
+                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
             line = (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
                     f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -42,10 +43,16 @@ def run(args, nproc=1):
     """train.py in a fresh process (torchrun with gloo when nproc > 1)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run(launcher + [os.path.join(ROOT, "train.py")] + [str(a) for a in args], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    proc = subprocess.Popen(launcher + [os.path.join(ROOT, "train.py")] + [str(a) for a in args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: a hang must not outlive the test
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"train.py hung: {stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def weights(ckpt):

@@ -1,0 +1,236 @@
+"""
+The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset toy`).
+
+The task: the last digit of the sum of six one-digit numbers, each named by a letter; on level L
+only NONZERO[L-1] of the six numbers are nonzero (1, 2, 3 or all 6):
+    level 1  "g=0 j=0 a=0 c=5 e=0 d=0"  ->  "5"
+    level 4  "g=7 f=1 d=8 e=6 h=4 i=6"  ->  "2"      ((7 + 1 + 8 + 6 + 4 + 6) mod 10)
+Two programmatic experts answer every problem (THINKLESS.md section 3):
+    think: "<think>g7=7 f1=8 d8=6 e6=2 h4=6 i6=2</think>\\boxed{2}"  a step per number: letter, value, running sum
+    short: "<short>\\boxed{2}"                                       the answer in one go
+Why this task (THINKLESS.md section 8: thinking pays only where p_short < 0.75 p_think):
+  - The short answer is a lookup over the nonzero numbers: a tiny model learns it for one, two and
+    three nonzero numbers within the warm-up, but not for six (a cousin of parity: 10^6 cases and no
+    shortcut), where it stays near chance (10%). Reliable on easy levels, useless on the hard one.
+  - Each thinking step is the same two-digit lookup plus copies at fixed distances, and the letters
+    let a step find its number by content ("d" reads the digit after "d="), not by counting
+    positions; so the chain is learned in a few hundred steps and is reliable on every level.
+  - Problems look alike on every level (six numbers) and the thinking expert always walks all six:
+    like a reasoning model, it overthinks the easy ones. A think answer is 35 tokens on every level,
+    a short one 5 (end of sentence included), so routing easy problems to <short> saves most tokens.
+    (With chains that grow with difficulty, the easy problems would hold too few of the tokens for
+    "at most half the tokens of always thinking" to be reachable.)
+  - Letters are drawn at random, so even level 1 has ~10^7 distinct problem strings and the held-out
+    test problems are disjoint strings.
+The tokenizer has one token per character (digits, letters, "=", " "), plus "\\boxed{" and the chat and
+control tokens, each one token (32 ids), so decode(encode(text)) == text and rewards.py reads the toy
+model's output as it reads the 1.5B model's. The model is a tiny Qwen2 (2 layers, hidden 64, 82k
+parameters) saved as a Hugging Face checkpoint: the toy runs the same code paths as the real model.
+
+Measured warm-up (plain loop: AdamW betas (0.9, 0.95), wd 0.1, CE on response tokens, 64 sequences a
+step, lr 3e-3 with 5% warm-up and cosine to 3e-4; ONE CPU thread on a shared 2-core machine;
+greedy decoding with the first token forced; 100 held-out test problems per level; seed 1 for
+write_toy_data and the init):
+    SFT steps (train s)    think accuracy, level 1..4    short accuracy, level 1..4    p(<think>) first token
+     500  ( 30 s)         1.00 0.99 0.94 0.93           0.90 0.11 0.05 0.17            0.46
+    1000  ( 60 s)         1.00 1.00 1.00 1.00           1.00 1.00 0.13 0.14            0.46
+    1500  ( 89 s)         0.98 1.00 1.00 1.00           1.00 1.00 0.99 0.14            0.49
+    2000  (116 s)         1.00 1.00 1.00 1.00           1.00 1.00 1.00 0.13            0.50
+So after the recommended 2000 steps: short pays on levels 1-3 (p_short ~ p_think), thinking pays on
+level 4 (0.13 < 0.75), and routing right gives (3 x 5 + 35) / 4 = 12.5 tokens against 35 for always
+thinking. Level 3 sits at the edge: with fewer warm-up steps its short answers are unreliable (0.13 at
+1000 steps), which makes it a middle level whose routing RL has to find.
+
+Measured through the project's own code (train.py SFT with SFT_OVERRIDES, 124-164 s on one thread;
+then train.py RL with RL_OVERRIDES and alpha as named, 0.5-0.6 s a step on one thread; eval.py and
+sampler.py at temperature 0.6, one sample per problem, 100 held-out problems per level; tokens
+exclude the end of sentence). Seed 0:
+                           think ratio per level    accuracy per level          overall acc  tokens
+    after SFT              42% 62% 47% 60%          1.00 1.00 0.97 0.63         0.900        19.8
+    SFT, forced think      -                        1.00 1.00 1.00 1.00         1.000        34.0
+    SFT, forced short      -                        1.00 1.00 0.96 0.11         0.768         4.0
+    100 RL steps:
+    DeGRPO alpha=1.0       3%  5%  11% 96%          1.00 0.99 0.96 0.96         0.978        12.8
+    vanilla GRPO           6%  10% 16% 89%          1.00 1.00 0.96 0.89         0.963        13.2
+    DeGRPO alpha=0.001     39% 39% 47% 49%          1.00 1.00 0.98 0.50         0.870        17.1
+Seed 1 (`train.py --preset toy --alpha 1.0 --seed 1`, 180 s in all with 100 RL steps):
+    after SFT              52% 57% 54% 58%          1.00 1.00 0.99 0.63         0.905        20.6
+    DeGRPO, 100 steps      8%  8%  10% 92%          0.98 0.99 0.98 0.93         0.970        13.2
+    DeGRPO, 200 steps      2%  2%  2%  99%          1.00 1.00 0.99 0.99         0.995        11.9
+After 200 steps the unused think mode has drifted on easy levels (forced think: 0.79 0.94 1.00 1.00),
+so compare with always-think of the SFT model (1.00 here), not of the RL model. Vanilla GRPO did not
+collapse to one mode in 100 steps on this task.
+"""
+
+import json
+import os
+import random
+import re
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from model import ModelConfig
+
+SLOTS = 6  # numbers in every problem
+NONZERO = (1, 2, 3, 6)  # nonzero numbers on level 1, 2, ...
+LEVELS = len(NONZERO)
+BOS, USER, ASSISTANT, EOS = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+THINK, END_THINK, SHORT = "<think>", "</think>", "<short>"
+BOXED = "\\boxed{"
+LETTERS = "abcdefghij"
+
+
+def prompt_text(problem: str) -> str:
+    """The R1-Distill chat template without the trailing <think>: the model picks the first token."""
+    return f"{BOS}{USER}{problem}{ASSISTANT}"
+
+
+# -----------------------------------------------------------------------------
+# The task and its two experts
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    if not 1 <= level <= LEVELS:
+        raise ValueError(f"level {level}: expected 1..{LEVELS}")
+    # Random distinct letters: many distinct problem strings even on level 1, so held-out test
+    # problems are disjoint strings while every level still covers all of its arithmetic.
+    names = rng.sample(LETTERS, SLOTS)
+    nonzero = set(rng.sample(range(SLOTS), NONZERO[level - 1]))
+    values = [rng.randrange(1, 10) if i in nonzero else 0 for i in range(SLOTS)]
+    problem = " ".join(f"{x}={v}" for x, v in zip(names, values))
+    return dict(problem=problem, answer=str(sum(values) % 10), level=level)
+
+
+def parse_problem(problem: str) -> list[tuple[str, int]]:
+    """"a=3 h=0 ..." -> [("a", 3), ("h", 0), ...], refusing anything that is not a toy problem."""
+    terms = problem.split(" ")
+    ok = len(terms) == SLOTS and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
+    if not ok or len({t[0] for t in terms}) != SLOTS:
+        raise ValueError(f"problem {problem!r}: expected {SLOTS} terms 'x=D' with distinct letters from {LETTERS}")
+    return [(t[0], int(t[2])) for t in terms]
+
+
+def think_expert(problem: str) -> str:
+    steps, total = [], 0
+    for x, v in parse_problem(problem):
+        total = (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
+        steps.append(f"{x}{v}={total}")
+    return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
+
+
+def short_expert(problem: str) -> str:
+    return f"{SHORT}{BOXED}{sum(v for _, v in parse_problem(problem)) % 10}}}"
+
+
+def is_equivalent(answer: str, ground_truth: str) -> bool:
+    """The toy's grader for rewards.py: exact string match of the boxed answer."""
+    return answer.strip() == ground_truth.strip()
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def build_tokenizer(out_dir=None) -> Tokenizer:
+    """A character-level tokenizer (the `tokenizers` library), saved as out_dir/tokenizer.json.
+
+    Chat tokens are special (skip_special_tokens drops them); the control tokens are added but not
+    special, as in the official recipe, so they survive decoding. Every piece is one token."""
+    chars = "0123456789" + LETTERS + "= "
+    vocab = {c: i for i, c in enumerate([BOXED, "}"] + list(chars))}
+    vocab["[UNK]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    # Split into "\boxed{" or one character; Fuse joins the pieces back without spaces.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, USER, ASSISTANT, EOS)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK, SHORT)])
+    if out_dir is not None:  # chat.save_tokenizer adds tokenizer_config.json with the chat template
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return tok
+
+
+def toy_model_config(vocab_size: int) -> ModelConfig:
+    """A tiny Qwen2 (82k parameters). The vocabulary is padded to a multiple of 64 rows, like the
+    1.5B model's 151936 rows for 151665 ids, so the toy also exercises 'never sample a padded row'."""
+    return ModelConfig(vocab_size=-(-vocab_size // 64) * 64, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
+                       dtype="float32", bos_token_id=None, eos_token_id=None)
+
+
+# -----------------------------------------------------------------------------
+# Data files
+
+
+def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: int = 4000,
+                   test_per_level: int = 100) -> dict:
+    """sft.jsonl {prompt, response} (both experts' answers to every prompt, THINKLESS.md section 3),
+    rl.jsonl and test.jsonl {problem, answer, level}; levels are uniform, the three sets disjoint.
+    Returns {name: path}."""
+    rng = random.Random(seed)
+    seen, sets = set(), {}
+    for name, n in (("test", test_per_level * LEVELS), ("rl", rl_prompts), ("sft", sft_prompts)):
+        problems = []
+        while len(problems) < n:
+            p = make_problem(rng, len(problems) % LEVELS + 1)
+            if p["problem"] not in seen:  # held out: no problem string is in two sets
+                seen.add(p["problem"])
+                problems.append(p)
+        rng.shuffle(problems)
+        sets[name] = problems
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in sets}
+    with open(paths["sft"], "w") as f:
+        for p in sets["sft"]:
+            for response in (think_expert(p["problem"]), short_expert(p["problem"])):
+                f.write(json.dumps({"prompt": p["problem"], "response": response}) + "\n")
+    for name in ("rl", "test"):
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in sets[name])
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# The recipe (train.py --preset toy) and its plot
+
+MAX_NEW_TOKENS = 48  # a think answer is 35 tokens with its end-of-sentence, a short one 5
+# Warm-up SFT, measured (module docstring): 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
+SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                     max_len=128, micro_batch_tokens=8192)
+# RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
+RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
+                    micro_batch_tokens=16384)
+# DeGRPO's control-token weight for the toy. The official 0.001 barely moves the mode choice in 100
+# steps here (think ratio 39/39/47/49% per level after them); alpha = 1 routes (3/5/11/96%). Not in
+# RL_OVERRIDES, so that --alpha none (vanilla GRPO) still reaches train.py.
+RL_ALPHA = "1.0"
+PROBE_PROBLEMS, PROBE_EVERY = 100, 5  # held-out problems measured every PROBE_EVERY RL steps for the plot
+
+
+def plot_history(history, path, title="toy task"):
+    """history [(rl_step, eval.evaluate() metrics with "levels")] -> PNG of think ratio and accuracy
+    per level over the RL steps."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    if not history or any("levels" not in m for _, m in history):
+        raise ValueError("plot_history: expected [(step, metrics)] with per-level metrics ('levels')")
+    steps = [s for s, _ in history]
+    levels = sorted(history[0][1]["levels"], key=int)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, key, label in ((axes[0], "think_ratio", "think ratio"), (axes[1], "pass@1", "accuracy")):
+        for lv in levels:
+            ax.plot(steps, [m["levels"][lv][key] for _, m in history], marker="o", ms=3,
+                    label=f"level {lv} ({NONZERO[int(lv) - 1]} nonzero)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
