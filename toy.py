@@ -202,8 +202,10 @@ SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_fra
 # RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
 RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
                     micro_batch_tokens=16384)
-# DeGRPO's control-token weight for the toy. The official 0.001 barely moves the mode choice in 100
-# steps here (think ratio 39/39/47/49% per level after them); alpha = 1 routes (3/5/11/96%). Not in
+# DeGRPO's control-token weight for the toy. A control token weighs about alpha x (answer tokens per
+# response) times an answer token: the official 0.001 makes that a few times on the paper's
+# responses of thousands of tokens, but 1/70 on the toy's 5-35, and the mode choice barely moves
+# (think ratio 32/38/44/61% per level after 200 steps); alpha = 1 routes (0/1/1/96%). Not in
 # RL_OVERRIDES, so that --alpha none (vanilla GRPO) still reaches train.py.
 RL_ALPHA = "1.0"
 PROBE_PROBLEMS, PROBE_EVERY = 100, 5  # held-out problems measured every PROBE_EVERY RL steps for the plot

@@ -69,7 +69,7 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
     group_size: int = 8
     temperature: float = 0.6
-    alpha: str = field(default="0.001", metadata={"help": "DeGRPO control-token weight, or 'none' for vanilla GRPO"})
+    alpha: str | None = field(default=None, metadata={"help": "DeGRPO control-token weight (default 0.001, the toy: 1.0), or 'none' for vanilla GRPO"})
     beta: float = field(default=0.001, metadata={"help": "k3 KL weight (0: no reference model)"})
     entropy_coef: float = 0.001
     clip_eps: float = 0.2
@@ -107,8 +107,11 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error(f"--preset must be toy, got {cfg.preset!r}")
     if cfg.preset is None and cfg.data is None:
         parser.error("--data is required with --model")
-    if cfg.alpha.lower() != "none":
-        float(cfg.alpha)  # fail early on a typo
+    if cfg.alpha is not None and cfg.alpha.lower() != "none":
+        try:
+            float(cfg.alpha)
+        except ValueError:
+            parser.error(f"--alpha must be a number or 'none', got {cfg.alpha!r}")
     return cfg
 
 
@@ -289,9 +292,10 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         sampler_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval()
         ref_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval() if cfg.beta else None
+        alpha = cfg.alpha or "0.001"  # the official control-token weight
         rl_cfg = degrpo.RLConfig(
             group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-            alpha=None if cfg.alpha.lower() == "none" else float(cfg.alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
+            alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
             entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
             drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
             micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip)
@@ -308,7 +312,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         if cfg.stage == "rl":
             copy_weights(policy, sampler_model)
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
-    t_start, last_ckpt = time.time(), None
+    if rank == 0 and os.path.exists(metrics_file):  # drop the lines of steps after the resumed checkpoint
+        with open(metrics_file) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_file, "w") as f:
+            f.writelines(kept)
+    t_start, t_print, last_ckpt = time.time(), 0.0, None
     for step in range(start, total_steps):
         mine, first = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
         if cfg.stage == "sft":
@@ -327,8 +336,11 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
                     f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "
                     f"clip {m['clip_frac']:.3f} | grad {m['grad_norm']:.3f}")
         elapsed = time.time() - t_start
-        eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
-        print0(f"{cfg.stage} step {step + 1}/{total_steps} | {line} | {elapsed / (step + 1 - start):.1f}s/step | ETA {eta / 60:.1f}m")
+        if time.time() - t_print >= 2 or step + 1 == total_steps:  # every step, or every 2 s when steps are fast
+            t_print = time.time()
+            eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
+            print0(f"{cfg.stage} step {step + 1}/{total_steps} | {line} | {elapsed / (step + 1 - start):.2f}s/step | "
+                   f"ETA {eta / 60:.1f}m")
         if rank == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps({"stage": cfg.stage, "step": step + 1, **m}) + "\n")
@@ -363,41 +375,43 @@ def run_toy(cfg: TrainConfig):
     toy.write_toy_data(out, cfg.seed)
     test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
     probe = test[:: max(1, len(test) // toy.PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
-    exact = toy.is_equivalent
+    alpha = cfg.alpha or toy.RL_ALPHA
+    name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
 
-    def measure(model_dir_or_model, problems, force_mode=None):
-        model = model_dir_or_model
+    def measure(model, problems, force_mode=None):
         if isinstance(model, str):
             model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
         return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=toy.MAX_NEW_TOKENS,
-                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=exact,
+                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=toy.is_equivalent,
                                    instruction=False, force_mode=force_mode, progress=False)
 
     t0 = time.time()
+    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
     sft_ckpt = train(dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
                                          out=os.path.join(out, "sft"), **toy.SFT_OVERRIDES))
     print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
     before = measure(sft_ckpt, test)
-    print(evaluation.format_table({"toy (SFT)": before}))
+    # The baseline of the done-when targets: the warm-up model made to think on every problem (the RL
+    # model's unused think mode drifts, so it is not the reasoning model any more).
+    always_think = measure(sft_ckpt, test, force_mode="think")
+    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think}))
 
-    history = []
+    history = [(0, measure(sft_ckpt, probe))]
 
     def on_step(step, sampler_model):
-        if step % toy.PROBE_EVERY == 0 or step == 1:
+        if step % toy.PROBE_EVERY == 0:
             history.append((step, measure(sampler_model, probe)))
 
-    history.append((0, measure(sft_ckpt, probe)))
     rl_ckpt = train(dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
-                                        out=os.path.join(out, "rl"), **toy.RL_OVERRIDES), is_equivalent=exact, on_step=on_step)
+                                        out=os.path.join(out, "rl"), alpha=alpha, **toy.RL_OVERRIDES),
+                    is_equivalent=toy.is_equivalent, on_step=on_step)
     after = measure(rl_ckpt, test)
-    always_think = measure(rl_ckpt, test, force_mode="think")
-    name = "vanilla GRPO" if cfg.alpha.lower() == "none" else "DeGRPO"
     print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
-    print(evaluation.format_table({"toy (SFT)": before, f"toy ({name})": after, "always think": always_think}))
+    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
     plot = os.path.join(out, "think_ratio.png")
     toy.plot_history(history, plot, title=f"toy task, {name}")
-    summary = {"sft": before, "rl": after, "always_think": always_think,
-               "history": [{"step": s, **m} for s, m in history]}
+    summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
+               "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")

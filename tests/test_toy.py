@@ -174,3 +174,66 @@ def test_plot_history(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="levels"):
         toy.plot_history([(0, {})], path)
+
+
+# -----------------------------------------------------------------------------
+# The pipeline, shortened: train.py's toy preset with fewer steps
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """run_toy with 1000 warm-up steps (short answers are then reliable on levels 1-2 only, see the
+    toy docstring) and 60 DeGRPO steps: about a minute and a half on 2 cores."""
+    import train
+
+    out = tmp_path_factory.mktemp("toy")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(toy, "SFT_OVERRIDES", dict(toy.SFT_OVERRIDES, steps=1000, save_every=1000))
+    patch.setattr(toy, "RL_OVERRIDES", dict(toy.RL_OVERRIDES, steps=60, save_every=1000))
+    patch.setattr(toy, "PROBE_EVERY", 30)
+    try:
+        summary = train.run_toy(train.parse_args(["--out", str(out)]))
+    finally:
+        patch.undo()
+    return out, summary
+
+
+def test_rl_routes_easy_to_short_and_hard_to_think(short_run):
+    out, summary = short_run
+    before, after = summary["sft"]["levels"], summary["rl"]["levels"]
+    think = {lv: (before[lv]["think_ratio"], after[lv]["think_ratio"]) for lv in before}
+    assert think["1"][1] < think["1"][0] - 0.15, think  # the easiest level moves to <short>
+    assert think["4"][1] > think["4"][0] + 0.15, think  # the hardest to <think>
+    assert summary["rl"]["mean_tokens"] < summary["sft"]["mean_tokens"], (summary["sft"], summary["rl"])
+    assert summary["always_think"]["think_ratio"] == 1.0
+    assert [h["step"] for h in summary["history"]] == [0, 30, 60]
+    assert (out / "think_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["rl"]["samples"] == summary["rl"]["samples"]
+
+
+def test_trained_checkpoint_greedy_matches_transformers(short_run, tok):
+    """The RL checkpoint loads in transformers, whose greedy generate gives our sampler's tokens."""
+    transformers = pytest.importorskip("transformers")
+    import chat
+    from model import Transformer
+    from sampler import generate
+
+    out, _ = short_run
+    ckpt = sorted((out / "rl").glob("step_*"))[-1]
+    test = [json.loads(line) for line in open(out / "test.jsonl")][:16]
+    prompts = [chat.encode_prompt(tok, p["problem"], instruction=False) for p in test]
+    assert len({len(p) for p in prompts}) == 1  # toy prompts share one length: one batch, no padding
+    eos = tok.token_to_id(toy.EOS)
+    ours = generate(Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), prompts, toy.MAX_NEW_TOKENS,
+                    temperature=0, stop_ids=(eos,))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts), max_new_tokens=toy.MAX_NEW_TOKENS, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos)
+    modes = set()
+    for i, row in enumerate(ref[:, len(prompts[0]):].tolist()):
+        expected = row[: row.index(eos) + 1] if eos in row else row
+        assert ours[i][0].tokens == expected, (i, tok.decode(ours[i][0].tokens, skip_special_tokens=False),
+                                               tok.decode(expected, skip_special_tokens=False))
+        modes.add(expected[0])
+    assert modes == {tok.token_to_id(toy.THINK), tok.token_to_id(toy.SHORT)}  # both modes compared

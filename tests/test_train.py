@@ -39,20 +39,25 @@ def assets(tmp_path_factory):
     return d
 
 
-def run(args, nproc=1):
-    """train.py in a fresh process (torchrun with gloo when nproc > 1)."""
+def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), timeout=300):
+    """script (train.py) in a fresh process (torchrun with gloo when nproc > 1): (returncode, output)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(launcher + [os.path.join(ROOT, "train.py")] + [str(a) for a in args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(launcher + [str(script)] + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: a hang must not outlive the test
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"train.py hung: {stdout[-2000:]}{stderr[-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
+        pytest.fail(f"{script} hung: {proc.communicate()[0][-3000:]}")
+    return proc.returncode, output
+
+
+def train_py(args, nproc=1):
+    """train.py, which must succeed; its output."""
+    returncode, output = run(args, nproc)
+    assert returncode == 0, output[-5000:]
+    return output
 
 
 def weights(ckpt):
@@ -107,27 +112,27 @@ def test_sft_gradient_independent_of_micro_batches(assets):
 def test_sft_lowers_loss(assets, tmp_path):
     args = sft_args(assets, tmp_path / "sft", steps=8)
     args[args.index("--lr") + 1] = 5e-3
-    stdout = run(args)
-    losses = [float(line.split("loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("sft step")]
+    train_py(args)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
 
 
 def test_two_ranks_equal_one_rank_sft(assets, tmp_path):
-    run(sft_args(assets, tmp_path / "one"))
-    run(sft_args(assets, tmp_path / "two"), nproc=2)
+    train_py(sft_args(assets, tmp_path / "one"))
+    train_py(sft_args(assets, tmp_path / "two"), nproc=2)
     assert_same_weights(tmp_path / "one" / "step_000003", tmp_path / "two" / "step_000003", atol=1e-6)
 
 
 @pytest.fixture(scope="module")
 def sft_model(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    run(sft_args(assets, out, steps=6))
+    train_py(sft_args(assets, out, steps=6))
     return out / "step_000006"
 
 
 def test_two_ranks_equal_one_rank_rl(assets, sft_model, tmp_path):
-    run(rl_args(assets, sft_model, tmp_path / "one"))
-    run(rl_args(assets, sft_model, tmp_path / "two"), nproc=2)
+    train_py(rl_args(assets, sft_model, tmp_path / "one"))
+    train_py(rl_args(assets, sft_model, tmp_path / "two"), nproc=2)
     a, b = tmp_path / "one" / "step_000002", tmp_path / "two" / "step_000002"
     assert_same_weights(a, b, atol=1e-5)
     # and the step did change the weights
@@ -136,18 +141,25 @@ def test_two_ranks_equal_one_rank_rl(assets, sft_model, tmp_path):
 
 
 def test_resume_is_exact(assets, sft_model, tmp_path):
-    run(rl_args(assets, sft_model, tmp_path / "straight", steps=4))
+    train_py(rl_args(assets, sft_model, tmp_path / "straight", steps=4))
     os.makedirs(tmp_path / "resumed")
     os.rename(tmp_path / "straight" / "step_000002", tmp_path / "resumed" / "step_000002")
-    stdout = run(rl_args(assets, sft_model, tmp_path / "resumed", steps=4) + ["--resume"])
-    assert "resumed from" in stdout and "rl step 3/4" in stdout and "rl step 1/4" not in stdout
+    # the crashed run had logged steps 1..4: the resumed run replaces the lines after its checkpoint
+    with open(tmp_path / "resumed" / "metrics.jsonl", "w") as f:
+        f.writelines(line.replace('"reward": ', '"reward": 99, "stale": ') if '"step": 3' in line else line
+                     for line in open(tmp_path / "straight" / "metrics.jsonl"))
+    output = train_py(rl_args(assets, sft_model, tmp_path / "resumed", steps=4) + ["--resume"])
+    assert "resumed from" in output and "rl step 3/4" in output and "rl step 1/4" not in output
     assert_same_weights(tmp_path / "straight" / "step_000004", tmp_path / "resumed" / "step_000004", atol=0)
+    straight, resumed = ([json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("straight", "resumed"))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and "stale" not in resumed[2]
+    assert [m["reward"] for m in resumed] == [m["reward"] for m in straight]
 
 
 def test_rl_checkpoints_load_in_transformers(assets, sft_model, tmp_path):
     import transformers
 
-    run(rl_args(assets, sft_model, tmp_path / "rl", steps=4) + ["--keep-last", 2])
+    train_py(rl_args(assets, sft_model, tmp_path / "rl", steps=4) + ["--keep-last", 2])
     steps = sorted(d for d in os.listdir(tmp_path / "rl") if d.startswith("step_"))
     assert steps == ["step_000003", "step_000004"]  # older ones pruned
     ckpt = tmp_path / "rl" / "step_000004"
@@ -200,3 +212,23 @@ def test_bad_data_line_named(tmp_path):
     bad.write_text('{"prompt": "a=1 b=2", "response": "<short>\\\\boxed{3}"}\n{"prompt": "x", "response": "no control"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: response must start with <think> or <short>"):
         sft.read_sft_jsonl(bad)
+
+
+def test_a_failing_rank_ends_the_job(assets, tmp_path):
+    """Rank 1 raises in its first step while rank 0 waits in a collective: torchrun must end the
+    job with rank 1's error instead of leaving rank 0 blocked."""
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import sft, train
+real = sft.sft_step
+def sft_step(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure on rank 1")
+    return real(*args, **kwargs)
+sft.sft_step = sft_step
+train.main(sys.argv[1:])
+""")
+    returncode, output = run(sft_args(assets, tmp_path / "out"), nproc=2, script=script, timeout=120)
+    assert returncode != 0 and "injected failure on rank 1" in output
