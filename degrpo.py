@@ -22,6 +22,7 @@ ranks), so the result does not depend on how a step is split. The caller (train.
 distributed setup and passes in the models and a reward function.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from sampler import generate
-from sft import all_reduce_sum, micro_batches, pad_batch, token_logprobs
+from sft import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
 
 # -----------------------------------------------------------------------------
 # The formulas
@@ -144,10 +145,11 @@ def sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg: RLConfig
                    torch.tensor(truncated))
 
 
-def response_logprobs(model, prompts, responses, temperature, with_entropy=False):
-    """Log-probs (and entropies) of the response tokens: [B, T] right-padded, column 0 = control."""
+def response_logprobs(model, prompts, responses, temperature, vocab_size=None, with_entropy=False):
+    """Log-probs (and entropies) of the response tokens: [B, T] right-padded, column 0 = control.
+    Under softmax(logits / temperature) over the first vocab_size rows: the sampler's distribution."""
     idx, targets, starts = pad_batch(prompts, responses, model_device(model))
-    logp, entropy = token_logprobs(model, idx, targets, temperature, with_entropy=True)  # (B, L) each
+    logp, entropy = token_logprobs(model, idx, targets, temperature, with_entropy, vocab_size)  # (B, L) each
     T = max(len(r) for r in responses)
     cols = (starts[:, None] + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (B, T)
     logp = logp.gather(1, cols)
@@ -164,8 +166,10 @@ def response_mask(responses, device):
     return torch.arange(T, device=device)[None, :] < lens[:, None]  # (B, T)
 
 
-def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: RLConfig, world_size=1, first_index=0):
+def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: RLConfig, world_size=1, first_index=0,
+              vocab_size=None):
     """cfg.updates_per_rollout optimizer steps over mini-batches of the rollout; returns metrics.
+    Log-probs are over the first vocab_size rows of lm_head, the rows the sampler draws from.
     Mini-batch k holds the groups whose global prompt index (first_index + local index) is k modulo
     updates_per_rollout: the same mini-batches however the batch is split over ranks."""
     device = model_device(policy)
@@ -181,10 +185,10 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
             prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
             for store, model, needed in ((old_logp, policy, cfg.updates_per_rollout > 1), (ref_logp, ref_model, cfg.beta)):
                 if needed:  # on-policy with one update: old = current logp, detached in the loop below
-                    lp = response_logprobs(model, prompts, responses, cfg.temperature)  # (b, T)
+                    lp = response_logprobs(model, prompts, responses, cfg.temperature, vocab_size)  # (b, T)
                     for j, i in enumerate(mb if real else []):
                         store[i] = lp[j, : len(responses[j])]
-    metrics = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "logp_gap": 0.0, "loss": 0.0}
+    per_update = []  # the metrics of each optimizer step taken
     U = cfg.updates_per_rollout
     splits = [[i for i in keep if (first_index + i // cfg.group_size) % U == k] for k in range(U)]
     for split in splits:
@@ -195,44 +199,35 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
         num_seqs, num_answer, num_all = all_reduce_sum(counts, device).tolist()
         if num_seqs == 0:
             continue
-        stats = torch.zeros(6, dtype=torch.float64)  # loss, clipped tokens, kl sum, entropy sum, gap sum, tokens
+        names = ("loss", "clip_frac", "kl", "entropy", "logp_gap", "tokens")  # sums over this update's tokens
+        stats = torch.zeros(len(names), dtype=torch.float64)
         for mb in micro_batches(split, lengths, cfg.micro_batch_tokens, device):
             real, mb = bool(mb), mb or [0]
             prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
             mask = response_mask(responses, device) & real  # (b, T), all False in a stand-in micro-batch
-            logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, with_entropy=True)
+            logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, vocab_size, with_entropy=True)
             old = _stack([old_logp[i] for i in mb], mask) if cfg.updates_per_rollout > 1 else logp.detach()
             loss, clip_frac = policy_loss(logp, old, advantages[mb].to(device), mask, alpha=cfg.alpha,
                                           clip_eps=cfg.clip_eps, num_seqs=num_seqs,
                                           num_tokens=num_all if cfg.alpha is None else max(num_answer, 1),
                                           per_sample=cfg.per_sample)
             m = mask.float()
-            if cfg.beta:
-                kl = kl_k3(logp, _stack([ref_logp[i] for i in mb], mask))
-                loss = loss + cfg.beta * (kl * m).sum() / num_all
-                stats[2] += (kl.detach() * m).sum().item()
-            if cfg.entropy_coef:
-                loss = loss - cfg.entropy_coef * (entropy * m).sum() / num_all
+            kl = kl_k3(logp, _stack([ref_logp[i] for i in mb], mask)) if cfg.beta else torch.zeros_like(logp)
+            loss = loss + cfg.beta * (kl * m).sum() / num_all - cfg.entropy_coef * (entropy * m).sum() / num_all
             (loss * world_size).backward()
-            stats[0] += loss.item()
-            stats[1] += clip_frac.item() * m.sum().item()
-            stats[3] += (entropy.detach() * m).sum().item()
-            gap = (logp.detach().cpu() - _stack([sampler_logp[i] for i in mb], mask.cpu())).abs() * m.cpu()
-            stats[4] += gap.sum().item()
-            stats[5] += m.sum().item()
-        stats = all_reduce_sum(stats, device)
-        if not torch.isfinite(stats[0]):
-            raise FloatingPointError(f"non-finite RL loss {stats[0].item()} (stopping before the optimizer step)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens = stats[5].item()
-        for key, value in (("loss", stats[0].item()), ("clip_frac", stats[1].item() / tokens),
-                           ("kl", stats[2].item() / tokens), ("entropy", stats[3].item() / tokens),
-                           ("logp_gap", stats[4].item() / tokens), ("grad_norm", grad_norm.item())):
-            metrics[key] += value / len(splits)
-    return metrics
+            gap = (logp.detach() - _stack([sampler_logp[i] for i in mb], mask)).abs()  # (b, T) |trainer - sampler|
+            stats += torch.tensor([loss.item(), clip_frac.item() * m.sum().item()] +
+                                  [(x.detach() * m).sum().item() for x in (kl, entropy, gap)] + [m.sum().item()],
+                                  dtype=torch.float64)
+        sums = dict(zip(names, all_reduce_sum(stats, device).tolist()))
+        if not math.isfinite(sums["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite RL loss {sums['loss']} (stopping before the optimizer step)")
+        tokens = sums.pop("tokens")
+        per_update.append({"loss": sums.pop("loss"), **{k: v / tokens for k, v in sums.items()},
+                           "grad_norm": clip_and_step(policy, optimizer, cfg.grad_clip)})
+    keys = ("loss", "clip_frac", "kl", "entropy", "logp_gap", "grad_norm")
+    return {k: sum(u[k] for u in per_update) / max(len(per_update), 1) for k in keys}
 
 
 def _stack(rows, mask):
@@ -280,6 +275,6 @@ def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, re
     for i, d in enumerate(rollout.details):
         d["group_equal"] = bool(equal[i // cfg.group_size])
     metrics = rollout_metrics(rollout, cfg.group_size, device)
-    metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size, first_index))
+    metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size, first_index, vocab_size))
     metrics.update(rollout_time=t1 - t0, update_time=time.time() - t1)
     return metrics

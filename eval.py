@@ -19,10 +19,8 @@ and the same per `level` when the problems carry one. Every generation with its 
 to a JSONL file, written as each seed finishes, so a long run that stops keeps what it did. Grading
 runs in a few threads (rewards.py bounds each call with worker processes), after each seed.
 
-One sampler call per seed covers the whole benchmark: the sampler keys its randomness by (seed,
-prompt index, sample index), so splitting a benchmark into chunks under one seed would give the
-problems of different chunks the same noise; one call also keeps the continuous batch full. So
-progress is reported once per seed.
+One sampler call per seed covers the whole benchmark, so the continuous batch stays full: it drains
+to a few long rows once, at the end, not once per chunk. So progress is reported once per seed.
 """
 
 import argparse
@@ -41,9 +39,11 @@ from rewards import reward_details, score
 from sampler import generate
 
 
-def load_problems(path) -> list[dict]:
+def load_problems(path, skip_unanswered=False) -> list[dict]:
     """JSONL (one object a line) or JSON (a list of objects) with `problem` (str) and `answer`
-    (str, number, or a non-empty list of them). Other fields (`level`, ...) are kept."""
+    (str, number, or a non-empty list of them). Other fields (`level`, ...) are kept.
+    skip_unanswered: drop (and name) the records whose answer is null or empty instead of refusing
+    the file; training sets have a few (math_train.jsonl: 2), and no response can be graded on them."""
     with open(path, encoding="utf-8") as f:
         if str(path).endswith(".json"):
             data = json.load(f)
@@ -58,17 +58,23 @@ def load_problems(path) -> list[dict]:
                         records.append((f"{path}:{n}", json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    problems = []
+    problems, skipped = [], []
     for where, r in records:
         if not isinstance(r, dict) or not isinstance(r.get("problem"), str) or not r["problem"].strip():
             raise ValueError(f"{where}: expected an object with a non-empty string 'problem'")
         answer = r.get("answer")
+        if skip_unanswered and answer in (None, "", []):
+            skipped.append(where)
+            continue
         answers = answer if isinstance(answer, list) else [answer]
         if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
             raise ValueError(f"{where}: 'answer' must be a string, a number or a non-empty list of them, "
                              f"got {answer!r:.100}")
         answers = [str(a) for a in answers]
         problems.append({**r, "answer": answers if isinstance(answer, list) else answers[0]})
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} problems without an answer: {', '.join(skipped[:5])}"
+              f"{' ...' if len(skipped) > 5 else ''}")
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems

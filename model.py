@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 @dataclass
 class ModelConfig:
+    # The defaults are DeepSeek-R1-Distill-Qwen-1.5B's config.json, not transformers' (see from_hf).
     model_type: str = "qwen2"  # "qwen2" or "qwen3"
     vocab_size: int = 151936
     hidden_size: int = 1536
@@ -71,6 +72,9 @@ class ModelConfig:
             if rope_type != "default":
                 raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
         rope = d.get("rope_parameters") or {}
+        # Missing max_position_embeddings and dtype take transformers' defaults, not this dataclass's
+        # (the base model's): 32768 as in Qwen2Config / Qwen3Config; no dtype key means float32, what
+        # transformers 4.x loads by default (5.x "auto" keeps the weights' dtype instead).
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         try:
@@ -233,7 +237,10 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, two uses
         self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
-        for name, p in self.named_parameters():  # the init of transformers (initializer_range 0.02)
+        # normal(0, 0.02) for every weight and bias, norms at 1: the init of transformers
+        # (initializer_range 0.02) except that it zeroes Linear biases. Kept as is, since the toy
+        # base model (q/k/v biases) and its measured results come from this init.
+        for name, p in self.named_parameters():
             if p.device.type != "meta":
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, std=0.02)
 
@@ -388,7 +395,9 @@ def _weight_files(path) -> dict:
 
 def replace_dir(tmp, path):
     """Moves the finished folder tmp to path; an old path is moved aside first and deleted last,
-    so a crash at any point leaves either the old or the new folder complete on disk."""
+    so a crash at any point leaves either the old or the new folder complete on disk. A crash
+    between the two renames leaves nothing at path: the old copy is then {path}.old-*/x (and
+    the new one still at tmp); a crash before the final delete leaves that .old- folder behind."""
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))

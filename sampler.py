@@ -16,9 +16,9 @@ Rollouts are most of the cost of RL training, so this file is about keeping the 
   prompt token is the first input of the decode step. So every sampled token, the first included,
   comes out of one code path, and a prefill never builds a [tokens, vocab] tensor.
 - Reproducible whatever max_batch is: token t of sample j of prompt i is drawn by inverse-CDF
-  sampling with the uniform number hash(seed, i, j, t) (a counter-based hash), not from one global
-  random stream. It is computed on the device, so sampling needs no host sync; the host reads the
-  rows' state back once every `sync_every` steps.
+  sampling with the uniform number hash(seed, first_index + i, j, t) (a counter-based hash; see
+  generate() for first_index), not from one global random stream. It is computed on the device, so
+  sampling needs no host sync; the host reads the rows' state back once every `sync_every` steps.
 - Padded vocabulary rows (ids >= vocab_size) are cut off the logits before anything else.
 
 The eager path is the tested one (CPU); `compile=True` compiles the decode step with torch.compile
@@ -179,11 +179,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     B = min(max_batch, len(prompts) * n)
     max_len = min(max(len(p) for p in prompts) + max_new_tokens - 1, context)
     cache = KVCache(cfg, B, max_len, model.embed_tokens.weight.dtype, device)
-    tok, pos, count, limit, keys = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))
-    alive = torch.zeros(B, dtype=torch.bool, device=device)
+    # per row: input token, its position, tokens generated, their limit, sampling key
+    tok, pos, count, limit, keys = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))  # (B,)
+    alive = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     # one spare column: a finished row keeps writing at its count, past its last token
-    out_tok = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, max_new_tokens + 1, dtype=torch.float32, device=device)
+    out_tok = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)  # (B, max_new_tokens + 1)
+    out_lp = torch.zeros(B, max_new_tokens + 1, dtype=torch.float32, device=device)  # (B, max_new_tokens + 1)
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
     step_fn = torch.compile(decode_step) if compile else decode_step
     sampling = (temperature, top_p, top_k, vocab_size)
@@ -231,12 +232,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             rows = torch.tensor([r for _, _, r in chunk], device=device)
             model(idx.to(device), positions.to(device), kv_cache=window(B, T), cache_rows=rows, head=lambda h, w: None)
         if copies:  # all shared prefixes in one indexed copy; the slots past a prompt are don't-care
-            S = max(s for _, _, s in copies)
+            copy_slots = max(s for _, _, s in copies)
             src = torch.tensor([s for s, _, _ in copies], device=device)
             dst = torch.tensor([d for _, d, _ in copies], device=device)
-            if S > 0:
-                cache.k[:, dst, :S] = cache.k[:, src, :S]
-                cache.v[:, dst, :S] = cache.v[:, src, :S]
+            if copy_slots > 0:
+                cache.k[:, dst, :copy_slots] = cache.k[:, src, :copy_slots]
+                cache.v[:, dst, :copy_slots] = cache.v[:, src, :copy_slots]
         state = torch.tensor([[r, prompts[i][-1], len(prompts[i]) - 1, min(max_new_tokens, context - len(prompts[i])),
                                sequence_key(seed, first_index + i, j)] for r, i, j in new], dtype=torch.long).to(device)
         r = state[:, 0]
@@ -268,24 +269,26 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             admit()
         elif not waiting and busy()[-1] >= 2 * len(busy()):
             pack()
-        hi = 1 + busy()[-1]  # decode only the rows up to the last busy one
+        rows_used = 1 + busy()[-1]  # decode only the rows up to the last busy one
         # and only the slots that the busy rows reach in this window (rounded up: fewer shapes)
-        S = min(max_len, -(-(max(row_pos[r] for r in busy()) + sync_every) // 64) * 64)
-        view, ar = window(hi, S), torch.arange(hi, device=device)
-        pos[:hi] = pos[:hi].clamp(max=S - 1)  # free rows decode garbage, inside the window (live ones are < S)
+        slots = min(max_len, -(-(max(row_pos[r] for r in busy()) + sync_every) // 64) * 64)
+        view, row_ids = window(rows_used, slots), torch.arange(rows_used, device=device)
+        # free rows decode garbage, inside the window (live ones are < slots)
+        pos[:rows_used] = pos[:rows_used].clamp(max=slots - 1)
         for _ in range(sync_every):
-            nxt, lp = step_fn(model, view, tok[:hi], pos[:hi], keys[:hi], count[:hi], *sampling)
-            out_tok[ar, count[:hi]] = nxt
-            out_lp[ar, count[:hi]] = lp
-            count[:hi] += alive[:hi]
-            alive[:hi] &= (count[:hi] < limit[:hi]) & ~torch.isin(nxt, stop_t)
-            tok[:hi] = nxt
-            pos[:hi] += alive[:hi]  # finished and free rows stay where they are, inside the window
-            steps, row_steps = steps + 1, row_steps + hi
+            nxt, lp = step_fn(model, view, tok[:rows_used], pos[:rows_used], keys[:rows_used], count[:rows_used],
+                              *sampling)
+            out_tok[row_ids, count[:rows_used]] = nxt
+            out_lp[row_ids, count[:rows_used]] = lp
+            count[:rows_used] += alive[:rows_used]
+            alive[:rows_used] &= (count[:rows_used] < limit[:rows_used]) & ~torch.isin(nxt, stop_t)
+            tok[:rows_used] = nxt
+            pos[:rows_used] += alive[:rows_used]  # finished and free rows stay where they are, inside the window
+            steps, row_steps = steps + 1, row_steps + rows_used
         for r in busy():
             row_pos[r] += sync_every
         # one host sync: collect the rows that finished
-        done = [r for r, a in enumerate(alive[:hi].tolist()) if not a and row_seq[r] is not None]
+        done = [r for r, a in enumerate(alive[:rows_used].tolist()) if not a and row_seq[r] is not None]
         if done:
             d = torch.tensor(done, device=device)
             counts, toks, lps = count[d].tolist(), out_tok[d].tolist(), out_lp[d].tolist()

@@ -95,16 +95,20 @@ def micro_batches(indices, lengths, token_budget, device="cpu"):
 # Log-probs and the step
 
 
-def token_logprobs(model, idx, targets, temperature=1.0, with_entropy=False):
+def token_logprobs(model, idx, targets, temperature=1.0, with_entropy=False, vocab_size=None):
     """logp (B, L) of targets (0 where IGNORE) under softmax(logits / temperature), and the
-    entropy (B, L) of that distribution when asked. Only the target rows go through the fused kernel."""
+    entropy (B, L) of that distribution when asked. Only the target rows go through the fused kernel.
+    vocab_size: the softmax runs over the first vocab_size rows of lm_head only, the set the sampler
+    draws from (the padded rows beyond the tokenizer's ids are never sampled), so that the trainer's
+    log-probs are those of the sampler's distribution."""
     B, L = idx.shape
     flat_targets = targets.reshape(-1)  # (B*L,)
     rows = (flat_targets != IGNORE).nonzero().squeeze(1)  # (N,) positions with a target
 
     def head(hidden, weight):  # hidden (B, L, H), weight (V, H): runs inside forward (FSDP hooks)
         h = hidden.reshape(B * L, -1).index_select(0, rows)  # (N, H)
-        out = fused_logprobs(h, weight, flat_targets[rows], temperature=temperature, return_entropy=with_entropy)
+        out = fused_logprobs(h, weight[:vocab_size], flat_targets[rows], temperature=temperature,
+                             return_entropy=with_entropy)
         logp, entropy = out if with_entropy else (out, None)
         scatter = lambda x: torch.zeros(B * L, dtype=torch.float32, device=x.device).index_copy(0, rows, x).view(B, L)
         return scatter(logp), (scatter(entropy) if with_entropy else None)
@@ -139,11 +143,21 @@ def sft_step(model, optimizer, prompts, responses, micro_batch_tokens, grad_clip
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite SFT loss {loss} (stopping before the optimizer step)")
+    return {"loss": loss, "grad_norm": clip_and_step(model, optimizer, grad_clip), "tokens": int(num_tokens)}
+
+
+def clip_and_step(model, optimizer, grad_clip):
+    """Clips the gradients to norm grad_clip and steps; returns the norm before clipping. A
+    non-finite gradient (with a finite loss: an overflow in the backward) stops the run before the
+    step writes it into the weights."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite gradient norm {grad_norm} (stopping before the optimizer step)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm.item(), "tokens": int(num_tokens)}
+    return grad_norm
 
 
 def cosine_lr(step, total_steps, peak_lr, min_lr, warmup_frac=0.05):

@@ -41,25 +41,8 @@ level 4 (0.13 < 0.75), and routing right gives (3 x 5 + 35) / 4 = 12.5 tokens ag
 thinking. Level 3 sits at the edge: with fewer warm-up steps its short answers are unreliable (0.13 at
 1000 steps), which makes it a middle level whose routing RL has to find.
 
-Measured through the project's own code (train.py SFT with SFT_OVERRIDES, 124-164 s on one thread;
-then train.py RL with RL_OVERRIDES and alpha as named, 0.5-0.6 s a step on one thread; eval.py and
-sampler.py at temperature 0.6, one sample per problem, 100 held-out problems per level; tokens
-exclude the end of sentence). Seed 0:
-                           think ratio per level    accuracy per level          overall acc  tokens
-    after SFT              42% 62% 47% 60%          1.00 1.00 0.97 0.63         0.900        19.8
-    SFT, forced think      -                        1.00 1.00 1.00 1.00         1.000        34.0
-    SFT, forced short      -                        1.00 1.00 0.96 0.11         0.768         4.0
-    100 RL steps:
-    DeGRPO alpha=1.0       3%  5%  11% 96%          1.00 0.99 0.96 0.96         0.978        12.8
-    vanilla GRPO           6%  10% 16% 89%          1.00 1.00 0.96 0.89         0.963        13.2
-    DeGRPO alpha=0.001     39% 39% 47% 49%          1.00 1.00 0.98 0.50         0.870        17.1
-Seed 1 (`train.py --preset toy --alpha 1.0 --seed 1`, 180 s in all with 100 RL steps):
-    after SFT              52% 57% 54% 58%          1.00 1.00 0.99 0.63         0.905        20.6
-    DeGRPO, 100 steps      8%  8%  10% 92%          0.98 0.99 0.98 0.93         0.970        13.2
-    DeGRPO, 200 steps      2%  2%  2%  99%          1.00 1.00 0.99 0.99         0.995        11.9
-After 200 steps the unused think mode has drifted on easy levels (forced think: 0.79 0.94 1.00 1.00),
-so compare with always-think of the SFT model (1.00 here), not of the RL model. Vanilla GRPO did not
-collapse to one mode in 100 steps on this task.
+Results of the full recipe (train.py, 200 RL steps): README.md. There the always-think baseline is
+the warm-up model, not the RL model: after RL the unused think mode drifts on the easy levels.
 """
 
 import json
@@ -198,14 +181,14 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 MAX_NEW_TOKENS = 48  # a think answer is 35 tokens with its end-of-sentence, a short one 5
 # Warm-up SFT, measured (module docstring): 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
 SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                     max_len=128, micro_batch_tokens=8192)
+                     max_len=128, micro_batch_tokens=8192, save_every=500)
 # RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
 RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
                     micro_batch_tokens=16384)
 # DeGRPO's control-token weight for the toy. A control token weighs about alpha x (answer tokens per
 # response) times an answer token: the official 0.001 makes that a few times on the paper's
 # responses of thousands of tokens, but 1/70 on the toy's 5-35, and the mode choice barely moves
-# (think ratio 32/38/44/61% per level after 200 steps); alpha = 1 routes (0/1/1/96%). Not in
+# (think ratio 35/38/43/52% per level after 200 steps); alpha = 1 routes (0/1/4/97%). Not in
 # RL_OVERRIDES, so that --alpha none (vanilla GRPO) still reaches train.py.
 RL_ALPHA = "1.0"
 PROBE_PROBLEMS, PROBE_EVERY = 100, 5  # held-out problems measured every PROBE_EVERY RL steps for the plot

@@ -29,7 +29,7 @@ import math
 import os
 import random
 import shutil
-import sys
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import chat
 import degrpo
+import eval as evaluation
 import sft
-from model import Transformer
+from model import Transformer, replace_dir
 from rewards import reward_details, score
 
 # -----------------------------------------------------------------------------
@@ -55,7 +56,7 @@ class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face checkpoint folder to start from"})
     data: str | None = field(default=None, metadata={"help": "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}"})
     out: str = field(default="runs/thinkless", metadata={"help": "checkpoints and metrics.jsonl go here"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps (sft) / rollout batches (rl); sft default: one pass"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (sft) / rollout batches (rl); default: one pass over the data"})
     batch_size: int = field(default=128, metadata={"help": "global: sequences per sft step, prompts per rl step"})
     lr: float | None = field(default=None, metadata={"help": "peak lr; default 1e-5 (sft, cosine) / 1e-6 (rl, constant)"})
     min_lr: float = field(default=1e-6, metadata={"help": "sft: end of the cosine decay"})
@@ -105,8 +106,18 @@ def parse_args(argv=None) -> TrainConfig:
         cfg.preset = "toy"
     if cfg.preset not in (None, "toy"):
         parser.error(f"--preset must be toy, got {cfg.preset!r}")
+    if cfg.preset == "toy":  # the toy sets these itself: a flag that would be ignored is refused
+        import toy
+
+        fixed = {"stage", "model", "data"} | set(toy.SFT_OVERRIDES) | set(toy.RL_OVERRIDES)
+        ignored = sorted(f"--{name.replace('_', '-')}" for name in fixed if getattr(cfg, name) != getattr(TrainConfig(), name))
+        if ignored:
+            parser.error(f"the toy demo sets {', '.join(ignored)} itself (toy.py); give --model and --data to run a stage")
     if cfg.preset is None and cfg.data is None:
         parser.error("--data is required with --model")
+    for name in ("keep_last", "save_every", "batch_size", "group_size", "micro_batch_tokens", "max_batch"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.alpha is not None and cfg.alpha.lower() != "none":
         try:
             float(cfg.alpha)
@@ -120,9 +131,15 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def setup_distributed():
-    """(rank, world_size, device); initialises the process group under torchrun."""
+    """(rank, world_size, device); initialises the process group under torchrun, and on a GPU
+    without torchrun a group of one, so that one GPU runs the sharded bf16 path of N GPUs."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return 0, 1, torch.device("cpu")
+        with socket.socket() as s:  # a free port for the group's rendezvous
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -144,16 +161,18 @@ def shard(model, device):
     fully_shard(model, mp_policy=mp)
 
 
-def full_state(model):
-    """Our-named full tensors of a (possibly sharded) model; a collective under FSDP."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in model.state_dict().items()}
+def full_tensors(model):
+    """(name, full tensor) of a (possibly sharded) model, one at a time: each is a collective under
+    FSDP, and only one gathered tensor (at most the embedding) is alive at once, not a whole copy."""
+    for name, tensor in model.state_dict().items():
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
 
 def copy_weights(src_model, dst_model):
     """Refreshes the unsharded sampler copy from the trained (sharded) model."""
     with torch.no_grad():
         dst = dst_model.state_dict()
-        for name, tensor in full_state(src_model).items():
+        for name, tensor in full_tensors(src_model):
             dst[name].copy_(tensor)
 
 
@@ -171,12 +190,13 @@ def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     final = os.path.join(out, f"step_{step:06d}")
     tmp = os.path.join(out, f".step_{step:06d}.tmp")
-    weights = full_state(policy)
+    # The Hugging Face weights: bf16 on GPU (the released checkpoints' dtype), gathered tensor by
+    # tensor into host memory on rank 0, so no GPU holds a second full copy.
+    save_dtype = torch.bfloat16 if _device().type == "cuda" else torch.float32
+    weights = {name: tensor.to("cpu", save_dtype) for name, tensor in full_tensors(policy) if rank0}
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        sample_dtype = torch.bfloat16 if weights["norm.weight"].is_cuda else torch.float32
-        policy_unwrapped = policy  # save_pretrained only needs the config from the model
-        Transformer.save_pretrained(policy_unwrapped, tmp, state_dict={k: v.to(sample_dtype) for k, v in weights.items()})
+        Transformer.save_pretrained(policy, tmp, state_dict=weights)  # policy only gives the config
         chat.save_tokenizer(tokenizer, tmp)
     del weights
     barrier()
@@ -186,13 +206,27 @@ def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
     if rank0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)  # an old folder of the same step is moved aside, not deleted first
         for old in sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep_last]:
             shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     barrier()
     return final
+
+
+def trim_metrics(path, last_step):
+    """Keeps the metrics lines of steps <= last_step (the resumed checkpoint's): the steps after it
+    are run again. A line cut short by a crash is dropped. Rewritten atomically."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def latest_checkpoint(out):
@@ -235,24 +269,6 @@ def batch_indices(n_items, batch_size, step, seed, rank, world):
     return [epoch_order(n_items, seed, pos // n_items)[pos % n_items] for pos in range(first, first + per_rank)], first
 
 
-def read_problems(path):
-    """[(problem, answer)] from JSONL {problem, answer} (answer: string or list of strings)."""
-    out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                problem, answer = rec["problem"], rec["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with problem and answer ({e})") from None
-            out.append((problem, answer))
-    if not out:
-        raise ValueError(f"{path}: no problems")
-    return out
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -269,10 +285,11 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if world > 1:
+    if dist.is_initialized():  # FSDP2: bf16 compute on GPU, fp32 master weights (CPU: fp32 throughout)
         shard(policy, device)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95),
+    # betas: (0.9, 0.95) in the warm-up recipe; THINKLESS.md gives none for RL, where verl's default holds
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95) if cfg.stage == "sft" else (0.9, 0.999),
                                   weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
 
     if cfg.stage == "sft":
@@ -284,7 +301,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         items = kept
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
     else:
-        problems = read_problems(cfg.data)
+        problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
         items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
         print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
@@ -312,11 +329,8 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         if cfg.stage == "rl":
             copy_weights(policy, sampler_model)
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_file):  # drop the lines of steps after the resumed checkpoint
-        with open(metrics_file) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-        with open(metrics_file, "w") as f:
-            f.writelines(kept)
+    if rank == 0 and os.path.exists(metrics_file):
+        trim_metrics(metrics_file, start)
     t_start, t_print, last_ckpt = time.time(), 0.0, None
     for step in range(start, total_steps):
         mine, first = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
@@ -363,7 +377,6 @@ def _device():
 
 def run_toy(cfg: TrainConfig):
     """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot."""
-    import eval as evaluation
     import toy
 
     out = cfg.out

@@ -110,3 +110,77 @@ def test_shape_errors():
     logp, old, adv, mask = random_case(4, 5, 0)
     with pytest.raises(ValueError, match="advantages"):
         policy_loss(logp, old, adv[:3], mask)
+
+
+# -----------------------------------------------------------------------------
+# The RL update on a tiny model
+
+
+def tiny_model(seed, vocab_size=64):
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    return Transformer(cfg).double()
+
+
+def test_trainer_logprobs_are_the_samplers():
+    """With padded rows (config vocab 64, tokenizer 40), the trainer's log-probs are those of the
+    distribution the sampler drew from only when both cut the vocabulary at 40."""
+    from degrpo import response_logprobs
+    from sampler import generate
+
+    model = tiny_model(0).float()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    outs = generate(model, prompts, 12, temperature=0.7, n=2, seed=0, vocab_size=40)
+    flat_prompts = [p for p, group in zip(prompts, outs) for _ in group]
+    responses = [c.tokens for group in outs for c in group]
+    sampled = [torch.tensor(c.logprobs) for group in outs for c in group]
+    with torch.no_grad():
+        for vocab_size, expect_equal in ((40, True), (None, False)):
+            lp = response_logprobs(model, flat_prompts, responses, 0.7, vocab_size)  # (4, T)
+            gap = max((lp[i, :len(r)] - s).abs().max().item() for i, (r, s) in enumerate(zip(responses, sampled)))
+            assert (gap < 1e-5) == expect_equal, (vocab_size, gap)
+
+
+def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches():
+    """One update (on-policy: ratio 1): loss = the official policy loss + beta * mean_tokens(k3 KL)
+    - h * mean_tokens(entropy), the means over all response tokens of the step; the same loss and
+    gradient with one micro-batch or many."""
+    from degrpo import Rollout, RLConfig, response_logprobs, rl_update
+
+    g = torch.Generator().manual_seed(0)
+    G = 4
+    prompts = [torch.randint(0, 40, (int(n),), generator=g).tolist() for n in (3, 3, 3, 3, 6, 6, 6, 6)]
+    responses = [torch.randint(0, 40, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (8,), generator=g)]
+    rewards = torch.tensor([1.0, -1.0, 0.5, -1.0, 1.0, 1.0, -1.0, 0.5])
+    rollout = Rollout(prompts, responses, [[0.0] * len(r) for r in responses], rewards, [{} for _ in responses],
+                      torch.zeros(8, dtype=torch.bool))
+    adv = group_advantages(rewards, G)
+    ref = tiny_model(1)
+    results = []
+    for budget in (1000, 12):  # one micro-batch, then one or two sequences at a time
+        policy = tiny_model(0)
+        cfg = RLConfig(group_size=G, temperature=0.8, alpha=0.001, beta=0.3, entropy_coef=0.2, updates_per_rollout=1,
+                       micro_batch_tokens=budget)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        grads = {}
+        opt.step = lambda: grads.update({n: p.grad.clone() for n, p in policy.named_parameters()})
+        metrics = rl_update(policy, ref, opt, rollout, adv, cfg)
+        results.append((metrics["loss"], grads))
+    # the formula, on the whole batch at once, with loops for the means
+    policy = tiny_model(0)
+    with torch.no_grad():
+        logp, entropy = response_logprobs(policy, prompts, responses, 0.8, with_entropy=True)
+        ref_logp = response_logprobs(ref, prompts, responses, 0.8)
+    mask = torch.arange(logp.shape[1])[None] < torch.tensor([len(r) for r in responses])[:, None]
+    tokens = [(i, t) for i in range(8) for t in range(len(responses[i]))]
+    kl = sum(math.exp(ref_logp[i, t] - logp[i, t]) - (ref_logp[i, t] - logp[i, t]) - 1 for i, t in tokens) / len(tokens)
+    ent = sum(entropy[i, t].item() for i, t in tokens) / len(tokens)
+    expected = official_loss(logp, logp, adv, mask, 0.001) + 0.3 * kl - 0.2 * ent
+    assert kl > 1e-3 and ent > 0.1  # both terms matter in this case
+    for loss, grads in results:
+        assert loss == pytest.approx(float(expected), rel=1e-6)  # the stacked log-probs are fp32
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], msg=name)

@@ -44,6 +44,19 @@ def test_load_problems(tmp_path):
         ev.load_problems(tmp_path / "bad.json")
 
 
+def test_load_problems_skips_unanswered_for_training(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": None}, {"problem": "b", "answer": "2"},
+                                                 {"problem": "c", "answer": ""}, {"problem": "d", "answer": {"x": 1}}])
+    with pytest.raises(ValueError, match="train.jsonl:1: 'answer' must be"):
+        ev.load_problems(path)  # a benchmark refuses it
+    with pytest.raises(ValueError, match="train.jsonl:4: 'answer' must be"):
+        ev.load_problems(path, skip_unanswered=True)  # a wrong type is still an error
+    path = write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": None}, {"problem": "b", "answer": "2"},
+                                                 {"problem": "c", "answer": ""}])
+    assert ev.load_problems(path, skip_unanswered=True) == [{"problem": "b", "answer": "2"}]
+    assert "skipped 2 problems without an answer: " in capsys.readouterr().out
+
+
 def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
     tok = load_tokenizer(make_word_tokenizer(tmp_path / "tok"))
     ids = control_ids(tok)

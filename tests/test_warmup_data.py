@@ -16,6 +16,9 @@ from sampler import Completion
 from sft import read_sft_jsonl
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+REAL = os.path.isfile(os.path.join(BASE_MODEL_DIR, "tokenizer.json"))
+needs_real = pytest.mark.skipif(not REAL, reason=f"no tokenizer.json in {BASE_MODEL_DIR}")
+MATH_TRAIN = os.path.join(SHARED, "data", "math_train.jsonl")
 
 
 def byte_tokenizer(folder, added):
@@ -125,6 +128,7 @@ def test_scripted_experts_exactly_what_is_kept(tmp_path, monkeypatch, capsys):
     assert "9 prompts: 2 kept (4 records" in printed and "over --max-len 2" in printed
 
 
+@needs_real
 def test_length_count_matches_the_real_student_tokenizer():
     """The count (reasoning expert's tokenizer, control token as 1) equals the count with the student's
     tokenizer as chat.load_tokenizer builds it from the real R1-Distill tokenizer."""
@@ -182,13 +186,14 @@ def test_bad_input(tmp_path, monkeypatch):
         wd.main(["--prompts", good, "--think-model", think_dir, "--short-model", short_dir, "--out", str(out)])
 
 
+@pytest.mark.skipif(not os.path.isfile(MATH_TRAIN), reason=f"no {MATH_TRAIN}")
 def test_math_train_prompts_load():
     """The shared training file: 7,474 problems, 2 of them with "answer": null (prompts need no answer)."""
-    path = os.path.join(SHARED, "data", "math_train.jsonl")
-    questions = wd.load_prompts(path)
+    questions = wd.load_prompts(MATH_TRAIN)
     assert len(questions) == 7474 and all(isinstance(q, str) and q for q in questions)
 
 
+@needs_real
 def test_templates():
     """The R1 prompt is what the real R1-Distill chat template renders (transformers, add_generation_prompt);
     the ChatML prompt is Qwen2.5's format with the instruction as the system message."""
