@@ -103,6 +103,17 @@ def decode_response(tokenizer: Tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i != eos], skip_special_tokens=False)
 
 
+def tokenizer_vocab_size(tokenizer: Tokenizer, model_vocab_size: int | None = None) -> int:
+    """The ids the tokenizer can produce (max id + 1): the rows the sampler may draw from. The
+    model's embedding is usually padded beyond them (151936 rows for 151665 ids); with
+    model_vocab_size given, a tokenizer with more ids than the model has rows is refused."""
+    size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    if model_vocab_size is not None and size > model_vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {size - 1}, the model only {model_vocab_size} embedding rows: "
+                         f"the checkpoint and the tokenizer do not match")
+    return size
+
+
 def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:
     """tokenizer.json + tokenizer_config.json (special tokens, chat template) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from chat import control_ids, decode_response, encode_prompt, load_tokenizer
+from chat import control_ids, decode_response, encode_prompt, load_tokenizer, tokenizer_vocab_size
 from model import Transformer
 from rewards import reward_details, score
 from sampler import generate
@@ -116,10 +116,7 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
         if not (isinstance(p, dict) and isinstance(p.get("problem"), str) and "answer" in p):
             raise ValueError(f"problems[{i}]: expected a dict with 'problem' (str) and 'answer' (see load_problems)")
     ids = control_ids(tokenizer)
-    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-    if vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has ids up to {vocab_size - 1}, the model only {model.config.vocab_size} "
-                         f"embedding rows: the checkpoint and the tokenizer do not match")
+    vocab_size = tokenizer_vocab_size(tokenizer, model.config.vocab_size)
     forced = [getattr(ids, force_mode)] if force_mode else []
     prompts = [encode_prompt(tokenizer, p["problem"], instruction) + forced for p in problems]
     records, start = [], time.time()

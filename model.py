@@ -398,6 +398,10 @@ def replace_dir(tmp, path):
     so a crash at any point leaves either the old or the new folder complete on disk. A crash
     between the two renames leaves nothing at path: the old copy is then {path}.old-*/x (and
     the new one still at tmp); a crash before the final delete leaves that .old- folder behind."""
+    for folder, _, files in os.walk(tmp):  # on disk before the rename, so a power loss cannot leave
+        for name in files:  # the new name pointing at files whose data never reached the disk
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))

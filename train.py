@@ -49,40 +49,44 @@ from rewards import reward_details, score
 # Config
 
 
+def arg(default, help):  # a config field and its --help text
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    preset: str | None = field(default=None, metadata={"help": "toy: the CPU demo end to end (the default without --model)"})
-    stage: str = field(default="rl", metadata={"help": "sft (warm-up distillation) or rl (DeGRPO)"})
-    model: str | None = field(default=None, metadata={"help": "Hugging Face checkpoint folder to start from"})
-    data: str | None = field(default=None, metadata={"help": "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}"})
-    out: str = field(default="runs/thinkless", metadata={"help": "checkpoints and metrics.jsonl go here"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps (sft) / rollout batches (rl); default: one pass over the data"})
-    batch_size: int = field(default=128, metadata={"help": "global: sequences per sft step, prompts per rl step"})
-    lr: float | None = field(default=None, metadata={"help": "peak lr; default 1e-5 (sft, cosine) / 1e-6 (rl, constant)"})
-    min_lr: float = field(default=1e-6, metadata={"help": "sft: end of the cosine decay"})
-    warmup_frac: float = field(default=0.05, metadata={"help": "sft: share of steps in linear warm-up"})
-    weight_decay: float | None = field(default=None, metadata={"help": "AdamW; default 0.1 (sft) / 0.01 (rl)"})
+    preset: str | None = arg(None, "toy: the CPU demo end to end (the default without --model)")
+    stage: str = arg("rl", "sft (warm-up distillation) or rl (DeGRPO)")
+    model: str | None = arg(None, "Hugging Face checkpoint folder to start from")
+    data: str | None = arg(None, "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}")
+    out: str = arg("runs/thinkless", "checkpoints and metrics.jsonl go here")
+    steps: int | None = arg(None, "optimizer steps (sft) / rollout batches (rl); default: one pass over the data")
+    batch_size: int = arg(128, "global: sequences per sft step, prompts per rl step")
+    lr: float | None = arg(None, "peak lr; default 1e-5 (sft, cosine) / 1e-6 (rl, constant)")
+    min_lr: float = arg(1e-6, "sft: end of the cosine decay")
+    warmup_frac: float = arg(0.05, "sft: share of steps in linear warm-up")
+    weight_decay: float | None = arg(None, "AdamW; default 0.1 (sft) / 0.01 (rl)")
     grad_clip: float = 1.0
-    max_len: int = field(default=16384, metadata={"help": "sft: drop pairs longer than this many tokens"})
-    max_prompt_len: int = field(default=1024, metadata={"help": "rl: skip problems whose prompt is longer"})
-    max_new_tokens: int = field(default=24576, metadata={"help": "rl: response length cap"})
-    micro_batch_tokens: int = field(default=32768, metadata={"help": "tokens (rows x longest) per forward/backward"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    max_len: int = arg(16384, "sft: drop pairs longer than this many tokens")
+    max_prompt_len: int = arg(1024, "rl: skip problems whose prompt is longer")
+    max_new_tokens: int = arg(24576, "rl: response length cap")
+    micro_batch_tokens: int = arg(32768, "tokens (rows x longest) per forward/backward")
+    grad_checkpointing: bool = arg(False, "recompute blocks in backward")
     group_size: int = 8
     temperature: float = 0.6
-    alpha: str | None = field(default=None, metadata={"help": "DeGRPO control-token weight (default 0.001, the toy: 1.0), or 'none' for vanilla GRPO"})
-    beta: float = field(default=0.001, metadata={"help": "k3 KL weight (0: no reference model)"})
+    alpha: str | None = arg(None, "DeGRPO control-token weight (default 0.001, the toy: 1.0), or 'none' for vanilla GRPO")
+    beta: float = arg(0.001, "k3 KL weight (0: no reference model)")
     entropy_coef: float = 0.001
     clip_eps: float = 0.2
-    correct_think: float = field(default=0.5, metadata={"help": "reward of a correct think answer (short: 1.0)"})
-    updates_per_rollout: int = field(default=2, metadata={"help": "optimizer steps per rollout batch"})
-    std_normalize: bool = field(default=False, metadata={"help": "divide advantages by the group std"})
-    per_sample: bool = field(default=False, metadata={"help": "paper's 1/T_i normalisation of the answer term"})
+    correct_think: float = arg(0.5, "reward of a correct think answer (short: 1.0)")
+    updates_per_rollout: int = arg(2, "optimizer steps per rollout batch")
+    std_normalize: bool = arg(False, "divide advantages by the group std")
+    per_sample: bool = arg(False, "paper's 1/T_i normalisation of the answer term")
     drop_equal_groups: bool = False
-    max_batch: int = field(default=64, metadata={"help": "rows the sampler decodes together"})
+    max_batch: int = arg(64, "rows the sampler decodes together")
     save_every: int = 50
     keep_last: int = 3
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    resume: bool = arg(False, "continue from the newest checkpoint in --out")
     seed: int = 0
 
     def stage_default(self, name, sft_value, rl_value):
@@ -284,7 +288,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     ids = chat.control_ids(tokenizer)
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab_size = chat.tokenizer_vocab_size(tokenizer, policy.config.vocab_size)
     if dist.is_initialized():  # FSDP2: bf16 compute on GPU, fp32 master weights (CPU: fp32 throughout)
         shard(policy, device)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)

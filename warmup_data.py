@@ -50,7 +50,7 @@ from collections import Counter
 import torch
 from tokenizers import Tokenizer
 
-from chat import ASSISTANT, BOS, END_THINK, EOS, INSTRUCTION, SHORT, THINK, USER, render_prompt
+from chat import ASSISTANT, BOS, END_THINK, EOS, INSTRUCTION, SHORT, THINK, USER, render_prompt, tokenizer_vocab_size
 from model import Transformer
 from rewards import last_boxed
 from sampler import generate
@@ -97,7 +97,7 @@ def load_expert_tokenizer(model_dir, stop_tokens):
     if not stop_ids:
         raise ValueError(f"{path}: none of the stop tokens {list(stop_tokens)} is in the vocabulary: is this "
                          f"the right expert for its chat template?")
-    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    vocab_size = tokenizer_vocab_size(tokenizer)
     return tokenizer, stop_ids, vocab_size
 
 
