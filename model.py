@@ -1,26 +1,22 @@
 """
-The Qwen2 / Qwen3 decoder in one file: the model that Thinkless trains and samples from.
+The Qwen2 / Qwen3 decoder in one file: the model that Thinkless trains and samples from. It reads
+a Hugging Face checkpoint folder (config.json + safetensors, sharded or not) and writes one back in
+the same layout, so transformers and vLLM load our checkpoints as they are. Parameter names are the
+Hugging Face ones minus the leading "model.", so the weight loader is one short name map.
 
-It reads a Hugging Face checkpoint folder (config.json + model.safetensors, or shards with
-model.safetensors.index.json) and writes one back in the same layout, so transformers and vLLM
-load our checkpoints without a conversion step. Parameter names are the Hugging Face ones minus
-the leading "model.", so the weight loader is one short name map.
-
-The architecture, top to bottom (Qwen2 unless marked):
   token embedding -> N x [ RMSNorm -> grouped-query attention with RoPE -> residual
                            RMSNorm -> SwiGLU MLP                       -> residual ]
   -> RMSNorm -> lm_head (its own matrix, or the embedding matrix when tied)
-  Qwen2: q/k/v projections carry a bias.  Qwen3: no biases, an RMSNorm on every query and key
-  head before RoPE, and an explicit head_dim that may differ from hidden_size / num_heads.
+Qwen2: q/k/v projections carry a bias. Qwen3: no biases, an RMSNorm on every query and key head
+before RoPE, and an explicit head_dim that may differ from hidden_size / num_heads.
 
-Two hooks make the model drivable by the rest of the project without copying it:
-  - `kv_cache` + `positions`: sampler.py keeps a static cache (written in place, gpt-fast style)
-    where row r, slot p holds the key/value of the token at position p of the sequence in row r.
-    A query at position p attends to the slots <= p of its row, so rows of different lengths
-    share one batch and a finished row is reused by simply starting again at position 0.
-  - `head`: a function (hidden [B, T, H], lm_head weight [V, H]) -> anything, called instead of
-    the lm_head. The losses use it to compute log-probs fused (kernels/) without ever building
-    the [B, T, V] logits; it runs inside forward() so that FSDP's hooks see it.
+Two hooks let the rest of the project drive the model without copying it:
+  - `kv_cache` + `positions` (sampler.py): a static cache, written in place (gpt-fast style); row r,
+    slot p holds the key/value of position p of row r's sequence. A query at position p attends to
+    the slots <= p of its row, so rows of different lengths share a batch and a finished row is
+    reused by starting again at position 0.
+  - `head(hidden [B, T, H], lm_head weight [V, H])`, called instead of the lm_head: the losses compute
+    fused log-probs (kernels/) without the [B, T, V] logits, inside forward() where FSDP's hooks see it.
 """
 
 import json
@@ -71,33 +67,23 @@ class ModelConfig:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
                 raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
-        rope = d.get("rope_parameters") or {}
-        # Missing max_position_embeddings and dtype take transformers' defaults, not this dataclass's
-        # (the base model's): 32768 as in Qwen2Config / Qwen3Config; no dtype key means float32, what
-        # transformers 4.x loads by default (5.x "auto" keeps the weights' dtype instead).
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        # Missing keys take transformers' defaults, not this dataclass's: 32768 positions as in
+        # Qwen2Config / Qwen3Config, float32 without a dtype (what transformers 4.x loads).
         try:
             heads, hidden = d["num_attention_heads"], d["hidden_size"]
             return cls(
-                model_type=model_type,
-                vocab_size=d["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=d["intermediate_size"],
-                num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=d.get("num_key_value_heads", heads),
+                model_type=model_type, vocab_size=d["vocab_size"], hidden_size=hidden,
+                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", heads),
                 head_dim=d.get("head_dim") or hidden // heads,
-                max_position_embeddings=d.get("max_position_embeddings", 32768),
-                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                max_position_embeddings=d.get("max_position_embeddings", 32768), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=(d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0)),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
                 attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
-                qk_norm=model_type == "qwen3",
-                dtype=d.get("dtype") or d.get("torch_dtype") or "float32",
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_id=d.get("eos_token_id"),
-            )
+                qk_norm=model_type == "qwen3", dtype=d.get("dtype") or d.get("torch_dtype") or "float32",
+                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
         except KeyError as e:
             raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
 
@@ -124,11 +110,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # y = x / sqrt(mean(x^2) + eps) * w, with the statistics in fp32 as in the reference.
+    def forward(self, x):  # y = x / sqrt(mean(x^2) + eps) * w, the statistics in fp32 as in the reference
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -154,10 +138,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    @property
-    def max_len(self):
-        return self.k.shape[2]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -180,20 +160,15 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_k is None:
-            # Training / plain forward: every token attends to the ones before it.
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True)
-        else:
+        if cache_k is not None:
             # Write the new keys/values at their positions, then attend over the whole row; the
             # mask keeps slots <= the query's position (later slots are stale or unwritten).
             rows = torch.arange(B, device=x.device) if cache_rows is None else cache_rows
-            cache_k[rows[:, None], positions] = k
-            cache_v[rows[:, None], positions] = v
-            keys = cache_k if cache_rows is None else cache_k[cache_rows]  # (B, S, nkv, hd)
-            values = cache_v if cache_rows is None else cache_v[cache_rows]  # (B, S, nkv, hd)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=True)
+            cache_k[rows[:, None], positions], cache_v[rows[:, None], positions] = k, v
+            k, v = (c if cache_rows is None else c[cache_rows] for c in (cache_k, cache_v))  # (B, S, nkv, hd)
+        # without a cache (training, a plain forward): causal attention over the T tokens
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=cache_k is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -237,19 +212,15 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, two uses
         self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
-        # normal(0, 0.02) for every weight and bias, norms at 1: the init of transformers
-        # (initializer_range 0.02) except that it zeroes Linear biases. Kept as is, since the toy
-        # base model (q/k/v biases) and its measured results come from this init.
+        # normal(0, 0.02) for every weight and bias (transformers zeroes biases), norms at 1
         for name, p in self.named_parameters():
             if p.device.type != "meta":
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.normal_(p, std=0.02)
 
     def forward(self, idx, positions=None, kv_cache: KVCache | None = None, cache_rows=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V), or head(hidden (B, T, H), lm_head weight (V, H)).
-
         positions (B, T): absolute positions (default 0..T-1). kv_cache: read and written at
-        (cache_rows[b] or b, positions[b, t]); without it, plain causal attention over idx.
-        """
+        (cache_rows[b] or b, positions[b, t]); without it, plain causal attention over idx."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -257,7 +228,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = None
         if kv_cache is not None:
-            slots = torch.arange(kv_cache.max_len, device=idx.device)
+            slots = torch.arange(kv_cache.k.shape[2], device=idx.device)  # (S,)
             mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
         for i, block in enumerate(self.layers):
             cache_args = () if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_rows, positions, mask)
@@ -276,10 +247,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
         """Loads config.json + safetensors; dtype None = the checkpoint's dtype from config.json.
-
         The model is built on the meta device (no memory), then every tensor is read from disk
-        straight to `device` in `dtype` and assigned: one copy of the weights, never an fp32 one.
-        """
+        straight to `device` in `dtype` and assigned: one copy of the weights, never an fp32 one."""
         path = str(path)
         cfg = load_config(path)
         dtype = dtype or getattr(torch, cfg.dtype)
@@ -306,8 +275,7 @@ class Transformer(nn.Module):
                         state[name] = t.to(dtype)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-        problems += [f"missing tensor model.{n} (shape {tuple(s)})" if n != "lm_head.weight"
-                     else f"missing tensor lm_head.weight (shape {tuple(s)})"
+        problems += [f"missing tensor {'' if n == 'lm_head.weight' else 'model.'}{n} (shape {tuple(s)})"
                      for n, s in expected.items() if n not in state]
         if problems:
             raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
@@ -325,14 +293,11 @@ class Transformer(nn.Module):
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
                    for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
-        shards, size = [{}], 0
+        shards, size = [{}], 0  # consecutive tensors, a new shard when the next would pass the limit
         for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][name], size = t, size + t.nbytes
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
         try:
@@ -348,9 +313,9 @@ class Transformer(nn.Module):
                     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                     save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                     weight_map.update({name: fname for name in shard})
-                total = sum(t.numel() * t.element_size() for t in tensors.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                    json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                               "weight_map": weight_map}, f, indent=2)
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -384,9 +349,8 @@ def _weight_files(path) -> dict:
         files = {}
         for name, shard in weight_map.items():
             files.setdefault(os.path.join(path, shard), []).append(name)
-        for file in files:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{index}: points at shard {file}, which does not exist")
+        if missing := [file for file in files if not os.path.isfile(file)]:
+            raise FileNotFoundError(f"{index}: points at shard {missing[0]}, which does not exist")
         return files
     if os.path.isfile(single):
         return {single: None}
@@ -394,12 +358,10 @@ def _weight_files(path) -> dict:
 
 
 def replace_dir(tmp, path):
-    """Moves the finished folder tmp to path; an old path is moved aside first and deleted last,
-    so a crash at any point leaves either the old or the new folder complete on disk. A crash
-    between the two renames leaves nothing at path: the old copy is then {path}.old-*/x (and
-    the new one still at tmp); a crash before the final delete leaves that .old- folder behind."""
-    for folder, _, files in os.walk(tmp):  # on disk before the rename, so a power loss cannot leave
-        for name in files:  # the new name pointing at files whose data never reached the disk
+    """Moves the finished folder tmp to path, the old path aside first and deleted last: a crash
+    leaves a complete folder at path, or (between the renames) the old one at {path}.old-*/x."""
+    for folder, _, files in os.walk(tmp):  # on disk before the rename (a power loss, not only a crash)
+        for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 os.fsync(f.fileno())
     old = None
@@ -410,12 +372,3 @@ def replace_dir(tmp, path):
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    import sys
-
-    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "../shared/models/deepseek-r1-distill-qwen-1.5b")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    print(cfg)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
