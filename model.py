@@ -1,8 +1,7 @@
 """
-The Qwen2 / Qwen3 decoder in one file: the model that Thinkless trains and samples from. It reads
-a Hugging Face checkpoint folder (config.json + safetensors, sharded or not) and writes one back in
-the same layout, so transformers and vLLM load our checkpoints as they are. Parameter names are the
-Hugging Face ones minus the leading "model.", so the weight loader is one short name map.
+The Qwen2 / Qwen3 decoder in one file: the model that Thinkless trains and samples from. It reads and
+writes Hugging Face checkpoint folders (config.json + safetensors, sharded or not) that transformers and
+vLLM load as they are; parameter names are theirs minus the leading "model.", so loading is a name map.
 
   token embedding -> N x [ RMSNorm -> grouped-query attention with RoPE -> residual
                            RMSNorm -> SwiGLU MLP                       -> residual ]
@@ -11,10 +10,9 @@ Qwen2: q/k/v projections carry a bias. Qwen3: no biases, an RMSNorm on every que
 before RoPE, and an explicit head_dim that may differ from hidden_size / num_heads.
 
 Two hooks let the rest of the project drive the model without copying it:
-  - `kv_cache` + `positions` (sampler.py): a static cache, written in place (gpt-fast style); row r,
-    slot p holds the key/value of position p of row r's sequence. A query at position p attends to
-    the slots <= p of its row, so rows of different lengths share a batch and a finished row is
-    reused by starting again at position 0.
+  - `kv_cache` + `positions` (sampler.py): a static cache, written in place (gpt-fast style), whose
+    slot p of row r holds position p of that row's sequence. A query at position p attends to slots
+    <= p of its row, so rows of different lengths share a batch and a finished row restarts at 0.
   - `head(hidden [B, T, H], lm_head weight [V, H])`, called instead of the lm_head: the losses compute
     fused log-probs (kernels/) without the [B, T, V] logits, inside forward() where FSDP's hooks see it.
 """
@@ -64,8 +62,7 @@ class ModelConfig:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported (qwen2 or qwen3)")
         # 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters = {rope_type, rope_theta}.
         for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
+            if (rope_type := rope.get("rope_type", rope.get("type", "default"))) != "default":
                 raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
@@ -77,8 +74,8 @@ class ModelConfig:
                 model_type=model_type, vocab_size=d["vocab_size"], hidden_size=hidden,
                 intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", heads),
-                head_dim=d.get("head_dim") or hidden // heads,
-                max_position_embeddings=d.get("max_position_embeddings", 32768), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                head_dim=d.get("head_dim") or hidden // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=d.get("max_position_embeddings", 32768),
                 rope_theta=(d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0)),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
                 attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
@@ -89,8 +86,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """The config.json that transformers (4.x and 5.x) reads back as the same model."""
-        d = {k.name: getattr(self, k.name) for k in fields(self)}
-        d.pop("qk_norm")
+        d = {k.name: getattr(self, k.name) for k in fields(self) if k.name != "qk_norm"}  # implied by model_type
         d["torch_dtype"] = d.pop("dtype")
         arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
         d.update(architectures=[arch], hidden_act="silu", rope_scaling=None, use_cache=True,
@@ -126,8 +122,7 @@ def rope_cos_sin(positions, head_dim, theta, dtype):
 def apply_rope(x, cos, sin):
     # x (B, T, heads, hd): rotate the pairs (x_i, x_{i+hd/2}) by the angle of their position.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return x * cos[:, :, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, :, None, :]
 
 
 class KVCache:
@@ -135,8 +130,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
 
 
 class Attention(nn.Module):
@@ -149,26 +143,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, H, bias=False)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = (RMSNorm(self.head_dim, cfg.rms_norm_eps) for _ in range(2))
 
     def forward(self, x, cos, sin, cache_k=None, cache_v=None, cache_rows=None, positions=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        # q (B, T, nh, hd); k, v (B, T, nkv, hd): fewer key/value heads, each shared by nh / nkv queries
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_k is not None:
-            # Write the new keys/values at their positions, then attend over the whole row; the
-            # mask keeps slots <= the query's position (later slots are stale or unwritten).
+            # Write the new keys/values into the cache, then attend over the row; the mask hides later slots.
             rows = torch.arange(B, device=x.device) if cache_rows is None else cache_rows
             cache_k[rows[:, None], positions], cache_v[rows[:, None], positions] = k, v
             k, v = (c if cache_rows is None else c[cache_rows] for c in (cache_k, cache_v))  # (B, S, nkv, hd)
-        # without a cache (training, a plain forward): causal attention over the T tokens
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=cache_k is None, enable_gqa=True)
+                                           is_causal=cache_k is None, enable_gqa=True)  # no cache: causal over T
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -219,17 +209,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx, positions=None, kv_cache: KVCache | None = None, cache_rows=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V), or head(hidden (B, T, H), lm_head weight (V, H)).
-        positions (B, T): absolute positions (default 0..T-1). kv_cache: read and written at
-        (cache_rows[b] or b, positions[b, t]); without it, plain causal attention over idx."""
+        positions (B, T) default to 0..T-1; a kv_cache is read and written at (cache_rows[b] or b, positions[b, t])."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.embed_tokens(idx)  # (B, T, H)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = None
-        if kv_cache is not None:
-            slots = torch.arange(kv_cache.k.shape[2], device=idx.device)  # (S,)
-            mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        if kv_cache is not None:  # mask (B, 1, T, S): a query at position p sees the slots <= p of its row
+            mask = (torch.arange(kv_cache.k.shape[2], device=idx.device) <= positions[:, :, None])[:, None]
         for i, block in enumerate(self.layers):
             cache_args = () if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_rows, positions, mask)
             if self.gradient_checkpointing and self.training:
@@ -237,45 +224,37 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, *cache_args)
         x = self.norm(x)  # (B, T, H)
-        if head is not None:
-            return head(x, self.lm_head.weight)
-        return self.lm_head(x)  # (B, T, V)
+        return self.lm_head(x) if head is None else head(x, self.lm_head.weight)  # (B, T, V) or head's
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Loads config.json + safetensors; dtype None = the checkpoint's dtype from config.json.
-        The model is built on the meta device (no memory), then every tensor is read from disk
-        straight to `device` in `dtype` and assigned: one copy of the weights, never an fp32 one."""
-        path = str(path)
+        """Loads config.json + safetensors (dtype None: the checkpoint's). Built on the meta device, each
+        tensor then goes from disk straight to `device` in `dtype`: one copy of the weights, never an fp32 one."""
         cfg = load_config(path)
         dtype = dtype or getattr(torch, cfg.dtype)
-        device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")
+        expected = {k: tuple(p.shape) for k, p in model.named_parameters()}  # a tied lm_head is listed once
         state, problems = {}, []
         for file, names in _weight_files(path).items():
             try:
-                with safe_open(file, framework="pt", device=str(device)) as f:
+                with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
                     for hf_name in names or f.keys():
                         name = hf_name.removeprefix("model.")
-                        if name not in expected:
-                            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                                problems.append(f"unexpected tensor {hf_name} in {file}")
-                            continue
-                        t = f.get_tensor(hf_name)
-                        if t.shape != expected[name]:
-                            problems.append(f"{hf_name} in {file}: shape {tuple(t.shape)}, expected {tuple(expected[name])}")
-                            continue
-                        state[name] = t.to(dtype)
+                        if name in expected:
+                            t = f.get_tensor(hf_name)
+                            if (shape := tuple(t.shape)) == expected[name]:
+                                state[name] = t.to(dtype)
+                            else:
+                                problems.append(f"{hf_name} in {file}: shape {shape}, expected {expected[name]}")
+                        elif not (cfg.tie_word_embeddings and name == "lm_head.weight"):  # a tied copy is fine
+                            problems.append(f"unexpected tensor {hf_name} in {file}")
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-        problems += [f"missing tensor {'' if n == 'lm_head.weight' else 'model.'}{n} (shape {tuple(s)})"
+        problems += [f"missing tensor {'' if n == 'lm_head.weight' else 'model.'}{n} (shape {s})"
                      for n, s in expected.items() if n not in state]
         if problems:
             raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
@@ -286,9 +265,8 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, state_dict=None, max_shard_bytes=4 * 2**30):
-        """Writes config.json + safetensors (sharded with an index past max_shard_bytes), atomically:
-        everything goes to a temporary folder beside `path`, which then replaces `path`.
-        state_dict (our names, full tensors) defaults to this model's; FSDP callers gather one."""
+        """Writes config.json + safetensors (sharded with an index past max_shard_bytes) to a temporary
+        folder that then replaces `path`. state_dict (our names, full tensors) defaults to ours (FSDP gathers one)."""
         path = os.path.abspath(str(path))
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
@@ -299,27 +277,21 @@ class Transformer(nn.Module):
                 shards, size = shards + [{}], 0
             shards[-1][name], size = t, size + t.nbytes
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-        try:
-            cfg = self.config.to_hf()
-            cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        with tempfile.TemporaryDirectory(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path),
+                                         ignore_cleanup_errors=True) as tmp:  # on success, renamed to path
+            dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")  # of the tensors written
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
-            if len(shards) == 1:
-                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                for i, shard in enumerate(shards):
-                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                    weight_map.update({name: fname for name in shard})
+                json.dump(self.config.to_hf() | {"torch_dtype": dtype}, f, indent=2)
+            n = len(shards)  # one model.safetensors, or n numbered shards and an index
+            files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+            for file, shard in zip(files, shards):
+                save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+            if n > 1:
+                index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                         "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                               "weight_map": weight_map}, f, indent=2)
+                    json.dump(index, f, indent=2)
             replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 # -----------------------------------------------------------------------------
@@ -330,12 +302,11 @@ def load_config(path) -> ModelConfig:
     file = os.path.join(str(path), "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face checkpoint folder)")
-    with open(file) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON: {e}") from None
-    return ModelConfig.from_hf(d, source=file)
+    try:
+        with open(file) as f:
+            return ModelConfig.from_hf(json.load(f), source=file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON: {e}") from None
 
 
 def _weight_files(path) -> dict:
