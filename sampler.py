@@ -17,8 +17,9 @@ Rollouts are most of the cost of RL training, so this file is about keeping the 
   comes out of one code path, and a prefill never builds a [tokens, vocab] tensor.
 - Reproducible whatever max_batch is: token t of sample j of prompt i is drawn by inverse-CDF
   sampling with the uniform number hash(seed, first_index + i, j, t) (a counter-based hash; see
-  generate() for first_index), not from one global random stream. It is computed on the device, so
-  sampling needs no host sync; the host reads the rows' state back once every `sync_every` steps.
+  generate() for first_index), not from one global random stream. A row's numbers for all its steps
+  are computed on the device when it is admitted, so a decode step reads one of them and sampling
+  needs no host sync; the host reads the rows' state back once every `sync_every` steps.
 - Padded vocabulary rows (ids >= vocab_size) are cut off the logits before anything else.
 
 The eager path is the tested one (CPU); `compile=True` compiles the decode step with torch.compile
@@ -64,8 +65,8 @@ def sequence_key(seed, prompt_index, sample_index):
 
 
 def uniform(keys, steps):
-    """keys, steps (B,) int64 -> (B,) fp64 uniforms strictly inside (0, 1), a pure function of (key, step)."""
-    bits = hash32(hash32(keys ^ hash32(steps)) ^ 0x5BD1E995)  # (B,) two rounds: one stream per sequence
+    """keys, steps int64 (broadcast together) -> fp64 uniforms in (0, 1), a pure function of (key, step)."""
+    bits = hash32(hash32(keys ^ hash32(steps)) ^ 0x5BD1E995)  # two rounds: one stream per sequence
     return (bits.double() + 0.5) / 2**32
 
 
@@ -73,21 +74,22 @@ def uniform(keys, steps):
 # One decode step: last tokens in, next tokens and their log-probs out (all on the device)
 
 
-def sample(logits, keys, steps, temperature, top_p, top_k, vocab_size):
-    """logits (B, V) -> tokens (B,), logprobs (B,) fp32.
+def sample(logits, u, temperature, top_p, top_k, vocab_size):
+    """logits (B, V), uniforms u (B,) fp64 in (0, 1) -> tokens (B,), logprobs (B,) fp32.
 
     greedy (temperature 0): token = argmax(logits); logprob = log_softmax(logits) at the token.
     otherwise: logp = log_softmax(z / temperature) over the kept set (ids < vocab_size, the top_k
     largest, the smallest set of largest whose mass reaches top_p), -inf elsewhere;
-    token = the first id whose cumulative probability exceeds u * total, u = uniform(key, step):
-    inverse-CDF sampling, one random number per row (a token of probability 0 is never chosen:
-    the cumulative sum does not rise at it); logprob = logp at the token.
+    token = the first id whose cumulative probability exceeds u * total: inverse-CDF sampling, one
+    random number per row (a token of probability 0 is never chosen: the cumulative sum does not
+    rise at it); logprob = logp at the token.
     """
     z = logits[:, :vocab_size].float()  # (B, vocab_size): the padded rows of the embedding are cut off
     if temperature == 0:
         tokens = z.argmax(-1)  # (B,)
         return tokens, torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0]
-    z = z / temperature
+    if temperature != 1:
+        z = z / temperature
     if top_k > 0 and top_k < vocab_size:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (B, 1)
         z = z.masked_fill(z < kth, -math.inf)
@@ -98,22 +100,22 @@ def sample(logits, keys, steps, temperature, top_p, top_k, vocab_size):
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, -math.inf))
     logp = torch.log_softmax(z, -1)  # (B, V), renormalised over the kept set
     cdf = logp.exp().double().cumsum(-1)  # (B, V), in fp64 so that its rounding is far below 1/V
-    x = uniform(keys, steps)[:, None] * cdf[:, -1:]  # (B, 1), strictly below the total
+    x = u[:, None] * cdf[:, -1:]  # (B, 1), strictly below the total
     tokens = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) number of entries <= x
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def decode_step(model, cache, tok, pos, keys, count, temperature, top_p, top_k, vocab_size):
-    """tok, pos, keys, count (B,) for the first B rows of `cache` -> next tokens, logprobs (B,)."""
+def decode_step(model, cache, tok, pos, u, temperature, top_p, top_k, vocab_size):
+    """tok, pos, u (B,) for the first B rows of `cache` -> next tokens, logprobs (B,)."""
     logits = model(tok[:, None], pos[:, None], kv_cache=cache)[:, -1]  # (B, V)
-    return sample(logits, keys, count, temperature, top_p, top_k, vocab_size)
+    return sample(logits, u, temperature, top_p, top_k, vocab_size)
 
 
 # -----------------------------------------------------------------------------
 # The scheduler
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: cheaper than no_grad for small decode ops
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature=1.0, top_p=1.0,
              top_k=0, stop_ids=(), n=1, seed=None, vocab_size=None, max_batch=64, refill=True,
              sync_every=None, compile=False, stats=None, first_index=0) -> list[list[Completion]]:
@@ -179,13 +181,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     B = min(max_batch, len(prompts) * n)
     max_len = min(max(len(p) for p in prompts) + max_new_tokens - 1, context)
     cache = KVCache(cfg, B, max_len, model.embed_tokens.weight.dtype, device)
-    # per row: input token, its position, tokens generated, their limit, sampling key
-    tok, pos, count, limit, keys = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))  # (B,)
+    # per row: input token, its position, tokens generated, their limit
+    tok, pos, count, limit = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))  # (B,)
     alive = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     # one spare column: a finished row keeps writing at its count, past its last token
     out_tok = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)  # (B, max_new_tokens + 1)
     out_lp = torch.zeros(B, max_new_tokens + 1, dtype=torch.float32, device=device)  # (B, max_new_tokens + 1)
-    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    draws = torch.zeros(B, max_new_tokens + 1, dtype=torch.float64, device=device)  # uniform of each step
+    is_stop = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # (V,) a lookup, not a search
+    is_stop[stop_ids] = True
     step_fn = torch.compile(decode_step) if compile else decode_step
     sampling = (temperature, top_p, top_k, vocab_size)
 
@@ -243,7 +247,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         r = state[:, 0]
         for row, i, _ in new:
             row_pos[row] = len(prompts[i]) - 1
-        tok[r], pos[r], limit[r], keys[r] = state[:, 1], state[:, 2], state[:, 3], state[:, 4]
+        tok[r], pos[r], limit[r] = state[:, 1], state[:, 2], state[:, 3]
+        draws[r] = uniform(state[:, 4:], torch.arange(max_new_tokens + 1, device=device))  # (new, max_new + 1)
         count[r] = 0
         alive[r] = True
 
@@ -255,7 +260,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
         for t in (cache.k, cache.v):
             t[:, d] = t[:, s]
-        for t in (tok, pos, count, limit, keys, alive, out_tok, out_lp):
+        for t in (tok, pos, count, limit, alive, out_tok, out_lp, draws):
             t[d] = t[s]
         for a, b in zip(src, dst):
             row_seq[b], row_seq[a] = row_seq[a], None
@@ -273,17 +278,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         # and only the slots that the busy rows reach in this window (rounded up: fewer shapes)
         slots = min(max_len, -(-(max(row_pos[r] for r in busy()) + sync_every) // 64) * 64)
         view, row_ids = window(rows_used, slots), torch.arange(rows_used, device=device)
-        # free rows decode garbage, inside the window (live ones are < slots)
-        pos[:rows_used] = pos[:rows_used].clamp(max=slots - 1)
+        # the state of the decoded rows: views, so the in-place updates below write the full tensors
+        tok_w, pos_w, count_w, limit_w, alive_w = (t[:rows_used] for t in (tok, pos, count, limit, alive))
+        pos_w.clamp_(max=slots - 1)  # free rows decode garbage, inside the window (live ones are < slots)
         for _ in range(sync_every):
-            nxt, lp = step_fn(model, view, tok[:rows_used], pos[:rows_used], keys[:rows_used], count[:rows_used],
-                              *sampling)
-            out_tok[row_ids, count[:rows_used]] = nxt
-            out_lp[row_ids, count[:rows_used]] = lp
-            count[:rows_used] += alive[:rows_used]
-            alive[:rows_used] &= (count[:rows_used] < limit[:rows_used]) & ~torch.isin(nxt, stop_t)
-            tok[:rows_used] = nxt
-            pos[:rows_used] += alive[:rows_used]  # finished and free rows stay where they are, inside the window
+            nxt, lp = step_fn(model, view, tok_w, pos_w, draws[row_ids, count_w], *sampling)
+            out_tok[row_ids, count_w], out_lp[row_ids, count_w] = nxt, lp
+            count_w += alive_w
+            alive_w &= (count_w < limit_w) & ~is_stop[nxt]
+            tok_w.copy_(nxt)
+            pos_w += alive_w  # finished and free rows stay where they are, inside the window
             steps, row_steps = steps + 1, row_steps + rows_used
         for r in busy():
             row_pos[r] += sync_every

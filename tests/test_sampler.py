@@ -180,7 +180,7 @@ def test_sampling_follows_softmax():
     logits = torch.randn(1, 10) * 1.5
     N = 40000
     keys = torch.tensor([sequence_key(0, i, 0) for i in range(N)])
-    toks, lp = sample(logits.expand(N, 10), keys, torch.zeros(N, dtype=torch.long), 0.8, 1.0, 0, 10)
+    toks, lp = sample(logits.expand(N, 10), uniform(keys, torch.zeros(N, dtype=torch.long)), 0.8, 1.0, 0, 10)
     expected = torch.softmax(logits[0] / 0.8, -1) * N
     chi2 = ((torch.bincount(toks, minlength=10) - expected) ** 2 / expected).sum()
     assert chi2 < 33.7  # the 0.9999 quantile of chi-square with 9 degrees of freedom
