@@ -105,9 +105,12 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
     """Samples and grades `samples` completions per problem; returns summarize() of them all, with a
     "levels" dict of per-level summaries when the problems have a `level` field.
     force_mode "think" or "short" writes that control token as the first response token (the
-    always-think / always-short baselines) instead of letting the model choose."""
+    always-think / always-short baselines) instead of letting the model choose; it counts as one of the
+    max_new_tokens, as the chosen one would."""
     if force_mode not in (None, "think", "short"):
         raise ValueError(f"force_mode={force_mode!r}: expected None, 'think' or 'short'")
+    if force_mode and max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: a forced mode needs >= 2 (the control token and one more)")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r}: expected an int >= 1")
     if not problems:
@@ -124,7 +127,7 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
             ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as graders:
         for seed in range(samples):
             t0 = time.time()
-            completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+            completions = generate(model, prompts, max_new_tokens - len(forced), temperature=temperature, top_p=top_p,
                                    stop_ids=(ids.eos,), n=1, seed=seed, vocab_size=vocab_size, max_batch=max_batch)
             for c in completions:  # the forced control token counts as the response's first token
                 c[0].tokens = forced + c[0].tokens

@@ -66,15 +66,16 @@ class ModelConfig:
                 raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        # Missing keys take transformers' defaults, not this dataclass's: 32768 positions as in
-        # Qwen2Config / Qwen3Config, float32 without a dtype (what transformers 4.x loads).
+        # Missing keys take transformers' defaults, not this dataclass's: 32 kv heads (null: one per head),
+        # Qwen3's head_dim 128, 32768 positions, float32 without a dtype (what transformers 4.x loads).
         try:
             heads, hidden = d["num_attention_heads"], d["hidden_size"]
+            head_dim = d.get("head_dim", 128 if model_type == "qwen3" else None) or hidden // heads
             return cls(
                 model_type=model_type, vocab_size=d["vocab_size"], hidden_size=hidden,
                 intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", heads),
-                head_dim=d.get("head_dim") or hidden // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", 32) or heads,
+                head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                 max_position_embeddings=d.get("max_position_embeddings", 32768),
                 rope_theta=(d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0)),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),

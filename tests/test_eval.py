@@ -103,6 +103,27 @@ def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
     assert "bench" in table and "0.5000" in table and "33.3%" in table and "level 2" in table
 
 
+def test_forced_mode_counts_in_the_token_budget(tmp_path, monkeypatch):
+    """force_mode puts the control token at the end of the prompt and counts it as a response token."""
+    tok = load_tokenizer(make_word_tokenizer(tmp_path / "tok"))
+    ids = control_ids(tok)
+    problem = {"problem": "what is 1 + 2 ?", "answer": "3"}
+    budgets = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        assert prompts == [encode_prompt(tok, problem["problem"], instruction=True) + [ids.think]]
+        budgets.append(max_new_tokens)
+        return [[Completion([tok.token_to_id("the")] * max_new_tokens, [0.0] * max_new_tokens, "length")]]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"vocab_size": 320})()
+    m = ev.evaluate(model, tok, [problem], samples=1, max_new_tokens=8, force_mode="think", progress=False)
+    assert budgets == [7] and m["mean_tokens"] == 8 and m["think_ratio"] == 1 and m["truncated_rate"] == 1
+    with pytest.raises(ValueError, match="max_new_tokens=1: a forced mode needs >= 2"):
+        ev.evaluate(model, tok, [problem], max_new_tokens=1, force_mode="short")
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     ckpt = save_hf_model(make_hf_model("qwen2", vocab_size=320), tmp_path / "ckpt")
     save_tokenizer(load_tokenizer(make_word_tokenizer(tmp_path / "tok")), ckpt)

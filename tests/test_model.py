@@ -225,3 +225,18 @@ def test_transformers_5_config_keys(tmp_path):
                                "head_dim": 6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
                                "dtype": "bfloat16"})
     assert (cfg.rope_theta, cfg.dtype, cfg.head_dim, cfg.qk_norm, cfg.attention_bias) == (5e5, "bfloat16", 6, True, False)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_missing_keys_take_transformers_defaults(model_type):
+    import transformers
+
+    d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 64, "intermediate_size": 16,
+         "num_hidden_layers": 1, "num_attention_heads": 4}
+    ref = transformers.AutoConfig.for_model(**d)
+    cfg = ModelConfig.from_hf(d)
+    ref_head_dim = getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
+    assert (cfg.num_key_value_heads, cfg.head_dim) == (ref.num_key_value_heads, ref_head_dim)
+    assert (cfg.max_position_embeddings, cfg.rms_norm_eps) == (ref.max_position_embeddings, ref.rms_norm_eps)
+    cfg = ModelConfig.from_hf(d | {"num_key_value_heads": None})  # null: one kv head per query head
+    assert cfg.num_key_value_heads == transformers.AutoConfig.for_model(**d, num_key_value_heads=None).num_key_value_heads
