@@ -52,13 +52,12 @@ import re
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig
 
 SLOTS = 6  # numbers in every problem
 NONZERO = (1, 2, 3, 6)  # nonzero numbers on level 1, 2, ...
 LEVELS = len(NONZERO)
-BOS, USER, ASSISTANT, EOS = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
-THINK, END_THINK, SHORT = "<think>", "</think>", "<short>"
 BOXED = "\\boxed{"
 LETTERS = "abcdefghij"
 
