@@ -171,6 +171,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise ValueError(f"top_p={top_p}: expected a value in (0, 1]")
     if not (isinstance(top_k, int) and top_k >= 0):
         raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 = no top-k)")
+    if not (sync_every is None or isinstance(sync_every, int) and sync_every >= 1):
+        raise ValueError(f"sync_every={sync_every!r}: expected an int >= 1 (decode steps between host reads)")
+    if not (isinstance(first_index, int) and first_index >= 0):
+        raise ValueError(f"first_index={first_index!r}: expected an int >= 0")
+    if not (seed is None or isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r}: expected an int or None")
     if seed is None:
         seed = int(torch.randint(0, 2**31, ()))
     if sync_every is None:

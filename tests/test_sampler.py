@@ -205,6 +205,9 @@ def test_sampling_follows_softmax():
     (dict(vocab_size=400), r"vocab_size=400"),
     (dict(stop_ids=[999]), r"stop_ids holds 999"),
     (dict(prompts=[]), r"non-empty list"),
+    (dict(sync_every=0), r"sync_every=0"),  # would decode no step per window: a hang
+    (dict(first_index=-1), r"first_index=-1"),
+    (dict(seed=1.5), r"seed=1.5"),
 ])
 def test_bad_input(models, kw, match):
     _, ours = models
