@@ -88,8 +88,7 @@ def sample(logits, u, temperature, top_p, top_k, vocab_size):
     if temperature == 0:
         tokens = z.argmax(-1)  # (B,)
         return tokens, torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0]
-    if temperature != 1:
-        z = z / temperature
+    z = z / temperature
     if top_k > 0 and top_k < vocab_size:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (B, 1)
         z = z.masked_fill(z < kth, -math.inf)
