@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from sampler import generate
-from sft import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
+from training import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
 
 # -----------------------------------------------------------------------------
 # The formulas

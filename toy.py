@@ -45,15 +45,20 @@ Results of the full recipe (train.py, 200 RL steps): README.md. There the always
 the warm-up model, not the RL model: after RL the unused think mode drifts on the easy levels.
 """
 
+import dataclasses
 import json
 import os
 import random
 import re
+import time
 
+import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+import chat
+import eval as evaluation
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
-from model import ModelConfig
+from model import ModelConfig, Transformer
 
 SLOTS = 6  # numbers in every problem
 NONZERO = (1, 2, 3, 6)  # nonzero numbers on level 1, 2, ...
@@ -218,3 +223,65 @@ def plot_history(history, path, title="toy task"):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The demo driver: `python train.py` (train.py --preset toy) lands here
+
+
+def run_demo(cfg):
+    """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
+    cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
+    import train  # train.py imports this module only when the demo runs: no import cycle at load time
+
+    out = cfg.out
+    base = os.path.join(out, "base")
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    Transformer(toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
+    chat.save_tokenizer(tokenizer, base)
+    write_toy_data(out, cfg.seed)
+    test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
+    probe = test[:: max(1, len(test) // PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
+    alpha = cfg.alpha or RL_ALPHA
+    name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
+
+    def measure(model, problems, force_mode=None):
+        if isinstance(model, str):
+            model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
+        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=MAX_NEW_TOKENS,
+                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
+                                   instruction=False, force_mode=force_mode, progress=False)
+
+    t0 = time.time()
+    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
+    sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
+                                  out=os.path.join(out, "sft"), **SFT_OVERRIDES)
+    sft_ckpt = train.train(sft_cfg)
+    print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
+    before = measure(sft_ckpt, test)
+    # The baseline of the done-when targets: the warm-up model made to think on every problem (the RL
+    # model's unused think mode drifts, so it is not the reasoning model any more).
+    always_think = measure(sft_ckpt, test, force_mode="think")
+    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think}))
+
+    history = [(0, measure(sft_ckpt, probe))]
+
+    def on_step(step, sampler_model):
+        if step % PROBE_EVERY == 0:
+            history.append((step, measure(sampler_model, probe)))
+
+    rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
+                                 out=os.path.join(out, "rl"), alpha=alpha, **RL_OVERRIDES)
+    rl_ckpt = train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step)
+    after = measure(rl_ckpt, test)
+    print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
+    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
+    plot = os.path.join(out, "think_ratio.png")
+    plot_history(history, plot, title=f"toy task, {name}")
+    summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
+               "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")
+    return summary

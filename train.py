@@ -13,11 +13,9 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
     over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
   - RL samples from an unsharded copy of the current weights (bf16 on GPU), refreshed after every
     update: gathering sharded weights at every decode step would make rollouts crawl.
-Checkpoints: out/step_NNNNNN/ is a Hugging Face folder (config.json, safetensors, tokenizer) that
-transformers and eval.py load, plus trainer/ (sharded fp32 weights + optimizer state, written
-with torch.distributed.checkpoint) and trainer_state.json. Everything is written to a temporary
-folder first and renamed at the end, so a crash mid-save leaves the previous checkpoint intact.
-The data order and the sampling seeds derive from (seed, step), so --resume continues exactly.
+Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that transformers and
+eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
+seeds derive from (seed, step), so --resume continues exactly. The toy demo's driver is in toy.py.
 """
 
 import argparse
@@ -28,21 +26,19 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import chat
 import degrpo
 import eval as evaluation
 import sft
-from model import Transformer, replace_dir
+from checkpoint import current_device, full_tensors, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
+from model import Transformer
 from rewards import reward_details, score
 
 # -----------------------------------------------------------------------------
@@ -165,13 +161,6 @@ def shard(model, device):
     fully_shard(model, mp_policy=mp)
 
 
-def full_tensors(model):
-    """(name, full tensor) of a (possibly sharded) model, one at a time: each is a collective under
-    FSDP, and only one gathered tensor (at most the embedding) is alive at once, not a whole copy."""
-    for name, tensor in model.state_dict().items():
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
-
-
 def copy_weights(src_model, dst_model):
     """Refreshes the unsharded sampler copy from the trained (sharded) model."""
     with torch.no_grad():
@@ -183,73 +172,6 @@ def copy_weights(src_model, dst_model):
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
-    """out/step_NNNNNN/: HF weights + tokenizer + trainer/ (DCP) + trainer_state.json, atomically."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    final = os.path.join(out, f"step_{step:06d}")
-    tmp = os.path.join(out, f".step_{step:06d}.tmp")
-    # The Hugging Face weights: bf16 on GPU (the released checkpoints' dtype), gathered tensor by
-    # tensor into host memory on rank 0, so no GPU holds a second full copy.
-    save_dtype = torch.bfloat16 if _device().type == "cuda" else torch.float32
-    weights = {name: tensor.to("cpu", save_dtype) for name, tensor in full_tensors(policy) if rank0}
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        Transformer.save_pretrained(policy, tmp, state_dict=weights)  # policy only gives the config
-        chat.save_tokenizer(tokenizer, tmp)
-    del weights
-    barrier()
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer"))
-    barrier()
-    if rank0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        replace_dir(tmp, final)  # an old folder of the same step is moved aside, not deleted first
-        for old in sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep_last]:
-            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
-    barrier()
-    return final
-
-
-def trim_metrics(path, last_step):
-    """Keeps the metrics lines of steps <= last_step (the resumed checkpoint's): the steps after it
-    are run again. A line cut short by a crash is dropped. Rewritten atomically."""
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def latest_checkpoint(out):
-    steps = sorted(d for d in os.listdir(out) if d.startswith("step_")) if os.path.isdir(out) else []
-    return os.path.join(out, steps[-1]) if steps else None
-
-
-def load_checkpoint(path, policy, optimizer):
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +202,7 @@ def batch_indices(n_items, batch_size, step, seed, rank, world):
 def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
     on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot)."""
-    rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), _device())
+    rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), current_device())
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     torch.manual_seed(cfg.seed)
@@ -371,74 +293,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     return last_ckpt or latest_checkpoint(cfg.out)
 
 
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-# -----------------------------------------------------------------------------
-# The toy demo: the whole method on a CPU in minutes (toy.py explains the task)
-
-
-def run_toy(cfg: TrainConfig):
-    """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot."""
-    import toy
-
-    out = cfg.out
-    base = os.path.join(out, "base")
-    torch.manual_seed(cfg.seed)
-    tokenizer = toy.build_tokenizer()
-    Transformer(toy.toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
-    chat.save_tokenizer(tokenizer, base)
-    toy.write_toy_data(out, cfg.seed)
-    test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
-    probe = test[:: max(1, len(test) // toy.PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
-    alpha = cfg.alpha or toy.RL_ALPHA
-    name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
-
-    def measure(model, problems, force_mode=None):
-        if isinstance(model, str):
-            model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
-        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=toy.MAX_NEW_TOKENS,
-                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=toy.is_equivalent,
-                                   instruction=False, force_mode=force_mode, progress=False)
-
-    t0 = time.time()
-    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
-    sft_ckpt = train(dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
-                                         out=os.path.join(out, "sft"), **toy.SFT_OVERRIDES))
-    print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
-    before = measure(sft_ckpt, test)
-    # The baseline of the done-when targets: the warm-up model made to think on every problem (the RL
-    # model's unused think mode drifts, so it is not the reasoning model any more).
-    always_think = measure(sft_ckpt, test, force_mode="think")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think}))
-
-    history = [(0, measure(sft_ckpt, probe))]
-
-    def on_step(step, sampler_model):
-        if step % toy.PROBE_EVERY == 0:
-            history.append((step, measure(sampler_model, probe)))
-
-    rl_ckpt = train(dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
-                                        out=os.path.join(out, "rl"), alpha=alpha, **toy.RL_OVERRIDES),
-                    is_equivalent=toy.is_equivalent, on_step=on_step)
-    after = measure(rl_ckpt, test)
-    print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
-    plot = os.path.join(out, "think_ratio.png")
-    toy.plot_history(history, plot, title=f"toy task, {name}")
-    summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
-               "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")
-    return summary
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.preset == "toy":
-        run_toy(cfg)
+        import toy
+
+        toy.run_demo(cfg)
     else:
         train(cfg)
     if dist.is_initialized():

@@ -192,7 +192,7 @@ def short_run(tmp_path_factory):
     patch.setattr(toy, "RL_OVERRIDES", dict(toy.RL_OVERRIDES, steps=60, save_every=1000))
     patch.setattr(toy, "PROBE_EVERY", 30)
     try:
-        summary = train.run_toy(train.parse_args(["--out", str(out)]))
+        summary = toy.run_demo(train.parse_args(["--out", str(out)]))
     finally:
         patch.undo()
     return out, summary

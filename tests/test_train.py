@@ -12,9 +12,11 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
+import checkpoint
 import sft
 import toy
 import train
+import training
 from model import ModelConfig, Transformer
 
 
@@ -97,7 +99,7 @@ def test_sft_gradient_independent_of_micro_batches(assets):
     grads = []
     for budget in (10_000, 40):  # 1 micro-batch vs about 6
         model = Transformer.from_pretrained(assets / "base", dtype=torch.float64)
-        n_micro = len(sft.micro_batches(range(12), [len(p) + len(r) for p, r in zip(prompts, responses)], budget))
+        n_micro = len(training.micro_batches(range(12), [len(p) + len(r) for p, r in zip(prompts, responses)], budget))
         assert n_micro == 1 if budget > 1000 else n_micro >= 4
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         model.zero_grad()
@@ -186,7 +188,7 @@ def test_crashed_save_keeps_previous_checkpoint(assets, sft_model, tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.dcp, "save", crash)
+    monkeypatch.setattr(checkpoint.dcp, "save", crash)
     cfg.steps, cfg.resume = 2, True
     with pytest.raises(OSError, match="disk full"):
         train.train(cfg)
