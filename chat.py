@@ -47,6 +47,25 @@ class ControlIds:
     eos: int
 
 
+def resolve_model(name) -> str:
+    """The checkpoint folder for --model NAME: the local folder NAME when there is one, else the Hugging
+    Face Hub repository NAME (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B), whose config, safetensors
+    and tokenizer files huggingface_hub.snapshot_download fetches into its cache (once: a later call
+    finds them there) and whose cached folder it returns."""
+    name = str(name)
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an id of the form owner/name
+        raise FileNotFoundError(f"{name}: no such checkpoint folder")
+    import huggingface_hub  # only here: a run from local folders never imports it
+
+    try:
+        return huggingface_hub.snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except (OSError, ValueError) as e:  # offline, no such repository, a gated one, not a valid id
+        raise FileNotFoundError(f"{name}: no such local folder, and fetching it from the Hugging Face Hub "
+                                f"failed ({type(e).__name__}: {' '.join(str(e).split())[:400]})") from None
+
+
 def load_tokenizer(model_dir) -> Tokenizer:
     """model_dir/tokenizer.json with `<short>` set up and the control tokens checked (one id each)."""
     path = os.path.join(model_dir, "tokenizer.json")

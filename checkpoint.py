@@ -7,14 +7,21 @@ Checkpoints and run folders of train.py: what a run writes, and how it continues
         trainer_state.json    the step and the run's config
     out/metrics.jsonl         one line per step
 
+A run folder belongs to one run (claim_run_folder): a new run refuses a folder that holds another
+run's checkpoints or metrics, and --resume refuses a folder with nothing to resume and flags that
+would not continue the saved run exactly (RESUMABLE_CHANGES lists the ones that may change).
+
 Everything of a checkpoint is written into a temporary folder first and renamed at the end, so a
 crash mid-save leaves the previous checkpoint intact. Weights are gathered from the FSDP shards one
 tensor at a time (full_tensors), so no rank ever holds a second full copy of the model.
 """
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -22,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import chat
-from model import Transformer, replace_dir
+from model import Transformer
 
 
 def full_tensors(model):
@@ -47,14 +54,15 @@ def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
         chat.save_tokenizer(tokenizer, tmp)
     del weights
     barrier()
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer"))
+    with process_group():
+        model_sd, optim_sd = get_state_dict(policy, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer"))
     barrier()
     if rank0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         replace_dir(tmp, final)  # an old folder of the same step is moved aside, not deleted first
-        for old in sorted(d for d in os.listdir(out) if d.startswith("step_"))[:-keep_last]:
+        for old in checkpoints(out)[:-keep_last]:
             shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     barrier()
     return final
@@ -76,18 +84,127 @@ def trim_metrics(path, last_step):
     os.replace(path + ".tmp", path)
 
 
+def checkpoints(out):
+    """The step_NNNNNN folders of a run, oldest first (not the temporary or moved-aside ones)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted((d for d in names if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:]))
+
+
 def latest_checkpoint(out):
-    steps = sorted(d for d in os.listdir(out) if d.startswith("step_")) if os.path.isdir(out) else []
+    steps = checkpoints(out)
     return os.path.join(out, steps[-1]) if steps else None
 
 
 def load_checkpoint(path, policy, optimizer):
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with process_group():
+        model_sd, optim_sd = get_state_dict(policy, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
+        set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path):
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def process_group():
+    """torch.distributed.checkpoint coordinates its ranks through a process group. A single process
+    on a CPU trains without one (train.setup_distributed), so for the save or load it gets a group of
+    one (an in-memory store, nothing to connect to): DCP then runs its usual path instead of the
+    "uninitialized, assuming single process" fallback, and the trainer/ folder is the same either way."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def replace_dir(tmp, path):
+    """Moves the finished folder tmp to path, the old path aside first and deleted last: a crash
+    leaves a complete folder at path, or (between the renames) the old one at {path}.old-*/x."""
+    for folder, _, files in os.walk(tmp):  # on disk before the rename (a power loss, not only a crash)
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Run folders
+
+
+class RunError(Exception):
+    """A mistake in the command (a used --out, nothing to resume, a bad --data file...), found before
+    any model is loaded: train.main prints its one line on rank 0 and exits with status 1."""
+
+
+# The flags that --resume may change. Each alters only what happens from the resumed step on, not
+# the state a checkpoint holds or how the earlier steps were computed. Every other TrainConfig field
+# must equal the saved run's, and so must any field added to TrainConfig later until it is listed
+# here: a refused change is a message, an allowed one that was not meant would break the run silently.
+RESUMABLE_CHANGES = {
+    "out": "the run folder may have moved",
+    "correct_think": "the official recipe raises it mid-run when training drifts to short answers",
+    "steps": "rl: the run's length (rl's lr is constant; sft's cosine schedule depends on it: refused there)",
+    "save_every": "when checkpoints are written",
+    "keep_last": "how many are kept",
+    "max_batch": "rows the sampler decodes together: its draws are keyed by (seed, sample), not by the batch",
+    "micro_batch_tokens": "how a step is split for memory: the loss is normalised over the whole step, "
+                          "so only float rounding changes",
+    "grad_checkpointing": "recomputes activations for memory; the same arithmetic",
+}
+
+
+def claim_run_folder(out, resume, config: dict, defaults: dict):
+    """The checkpoint to continue from (None: a new run), and the log lines of allowed changes.
+    config: this command's TrainConfig as a dict; defaults: TrainConfig's defaults (for a field
+    that an older run's saved config lacks). Raises RunError when the folder is not this run's."""
+    used = [os.path.join(out, d) for d in checkpoints(out)]
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        used.append(os.path.join(out, "metrics.jsonl"))
+    if not resume:
+        if used:
+            raise RunError(f"--out {out} holds another run ({', '.join(os.path.basename(u) for u in used)}): give "
+                           f"--resume to continue it, or another --out to start a new one (or delete them)")
+        return None, []
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise RunError(f"--resume: no checkpoint (step_NNNNNN/) in {out} to resume from: check --out, or drop "
+                       f"--resume to start a new run there" + (" after deleting its metrics.jsonl" if used else ""))
+    saved = read_trainer_state(ckpt)["config"]
+    notes, refused = [], []
+    for name in sorted((set(saved) | set(config)) - {"resume"}):
+        old, new = saved.get(name, "<absent>"), config.get(name, "<absent>")
+        flag = "--" + name.replace("_", "-")
+        if old == new:
+            continue
+        if name == "steps" and config.get("stage") == "sft":
+            refused.append(f"{flag} {new}, the saved run has {old} (sft's cosine lr schedule spans --steps)")
+        elif name in RESUMABLE_CHANGES:
+            notes.append(f"resume: {flag} {old} -> {new} ({RESUMABLE_CHANGES[name]})")
+        elif name not in saved and new == defaults.get(name):
+            notes.append(f"resume: {flag} is not in the saved config (a run of an older version): "
+                         f"taking its default {new}")
+        elif name not in config:
+            refused.append(f"{flag} was {old} in the saved run; this version has no such flag")
+        else:
+            refused.append(f"{flag} {new}, the saved run has {old}")
+    if refused:
+        raise RunError(f"--resume from {ckpt}: " + "; ".join(refused) + ". These would not continue the run "
+                       f"exactly: give the saved values, or another --out for a new run")
+    return ckpt, notes
 
 
 def barrier():

@@ -244,11 +244,15 @@ def rollout_metrics(rollout: Rollout, group_size, device):
     correct = torch.tensor([bool(d.get("correct")) for d in rollout.details])
     think = torch.tensor([m == "think" for m in modes])
     short = torch.tensor([m == "short" for m in modes])
+    # malformed: a format error (no control token, a chain never closed, no \boxed{}); such a sample
+    # still counts in its mode when it has one
+    malformed = torch.tensor([not d.get("format_ok", d.get("mode") in ("think", "short")) for d in rollout.details])
     lengths = torch.tensor([len(r) for r in rollout.responses], dtype=torch.float64)
     groups = correct.view(-1, group_size)
     sums = torch.tensor([len(modes), think.sum(), short.sum(), (correct & think).sum(), (correct & short).sum(),
                          correct.sum(), groups.all(1).sum(), (~groups).all(1).sum(), groups.shape[0],
-                         rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum()], dtype=torch.float64)
+                         rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum(), malformed.sum()],
+                        dtype=torch.float64)
     s = all_reduce_sum(sums, device).tolist()
     max_len = torch.tensor([lengths.max().item()], dtype=torch.float64)
     if dist.is_initialized():
@@ -259,7 +263,7 @@ def rollout_metrics(rollout: Rollout, group_size, device):
             "acc_think": s[3] / max(s[1], 1), "acc_short": s[4] / max(s[2], 1), "accuracy": s[5] / n,
             "groups_all_correct": int(s[6]), "groups_all_wrong": int(s[7]), "groups": int(s[8]),
             "reward": s[9] / n, "response_len": s[10] / n, "response_len_max": int(max_len.item()),
-            "truncated_frac": s[11] / n}
+            "truncated_frac": s[11] / n, "malformed": int(s[12])}
 
 
 def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, reward_fn, cfg: RLConfig, seed,

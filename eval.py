@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from chat import control_ids, decode_response, encode_prompt, load_tokenizer, tokenizer_vocab_size
+from chat import control_ids, decode_response, encode_prompt, load_tokenizer, resolve_model, tokenizer_vocab_size
 from model import Transformer
 from rewards import reward_details, score
 from sampler import generate
@@ -180,19 +180,24 @@ def format_table(results: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder: config.json, safetensors, tokenizer.json")
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json) or a "
+                    "Hugging Face Hub id, downloaded when no such folder exists")
     ap.add_argument("--data", required=True, nargs="+", help="benchmark JSONL/JSON files (problem, answer)")
-    ap.add_argument("--samples", type=int, default=5, help="completions per problem, seeds 0..samples-1")
-    ap.add_argument("--max-new-tokens", type=int, default=32768)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--samples", type=int, default=5,
+                    help="completions per problem, seeds 0..samples-1 (default %(default)s, the paper's)")
+    ap.add_argument("--max-new-tokens", type=int, default=32768, help="per completion (default %(default)s, the "
+                    "paper's: hours on a CPU, give a small value for a dry run)")
+    ap.add_argument("--temperature", type=float, default=0.6, help="default %(default)s")
+    ap.add_argument("--top-p", type=float, default=0.95, help="default %(default)s")
     ap.add_argument("--max-batch", type=int, default=64,
                     help="rows decoded together; the KV cache holds max_batch x (prompt + max_new_tokens) tokens, "
-                         "28 KiB each for the 1.5B model in bf16: 64 x 33k = 60 GB")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
+                         "28 KiB each for the 1.5B model in bf16: 64 x 33k = 60 GB (default %(default)s)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N problems of each file (default: all)")
     ap.add_argument("--no-instruction", action="store_true", help="raw question as the prompt (as in RL)")
-    ap.add_argument("--out-dir", default="eval_out", help="writes <benchmark>.jsonl and summary.json here")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out-dir", default="eval_out", help="writes <benchmark>.jsonl and summary.json here "
+                    "(default %(default)s)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default %(default)s")
     ap.add_argument("--dtype", default=None, help="bfloat16, float32, ... (default: bfloat16 on cuda, float32 on cpu)")
     args = ap.parse_args(argv)
 
@@ -201,8 +206,9 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(path))[0]
         benchmarks[name] = load_problems(path)[:args.limit]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    tokenizer = load_tokenizer(args.model)
-    model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+    model_dir = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=args.device).eval()
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"eval: {vars(args)}", file=sys.stderr)
 

@@ -19,8 +19,7 @@ Two hooks let the rest of the project drive the model without copying it:
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -268,9 +267,12 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, state_dict=None, max_shard_bytes=4 * 2**30):
-        """Writes config.json + safetensors (sharded with an index past max_shard_bytes) to a temporary
-        folder that then replaces `path`. state_dict (our names, full tensors) defaults to ours (FSDP gathers one)."""
-        path = os.path.abspath(str(path))
+        """Writes config.json + safetensors (sharded with an index past max_shard_bytes) into the folder
+        `path`, file by file: each under a temporary name, then renamed over the old one, so a crash
+        leaves every file whole. Other files in `path` (a tokenizer) are kept; only the weight files of
+        an earlier save that this one does not rewrite are removed (a stale index would point at them).
+        state_dict (our names, full tensors) defaults to ours (FSDP gathers one)."""
+        path = str(path)
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
                    for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
@@ -279,22 +281,22 @@ class Transformer(nn.Module):
             if shards[-1] and size + t.nbytes > max_shard_bytes:
                 shards, size = shards + [{}], 0
             shards[-1][name], size = t, size + t.nbytes
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path),
-                                         ignore_cleanup_errors=True) as tmp:  # on success, renamed to path
-            dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")  # of the tensors written
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(self.config.to_hf() | {"torch_dtype": dtype}, f, indent=2)
-            n = len(shards)  # one model.safetensors, or n numbered shards and an index
-            files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
-            for file, shard in zip(files, shards):
-                save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-            if n > 1:
-                index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                         "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump(index, f, indent=2)
-            replace_dir(tmp, path)
+        os.makedirs(path, exist_ok=True)
+        n = len(shards)  # one model.safetensors, or n numbered shards and an index
+        files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+        for file, shard in zip(files, shards):
+            _write_file(path, file, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        if n > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+            _write_file(path, "model.safetensors.index.json", lambda tmp: _dump_json(index, tmp))
+        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")  # of the tensors written
+        _write_file(path, "config.json", lambda tmp: _dump_json(self.config.to_hf() | {"torch_dtype": dtype}, tmp))
+        written = files + (["model.safetensors.index.json"] if n > 1 else [])
+        stale = [f for f in os.listdir(path) if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f)
+                 and f not in written]
+        for f in sorted(stale, key=lambda f: not f.endswith(".json")):  # the index first: it never points at a gap
+            os.remove(os.path.join(path, f))
 
 
 # -----------------------------------------------------------------------------
@@ -331,18 +333,24 @@ def _weight_files(path) -> dict:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def replace_dir(tmp, path):
-    """Moves the finished folder tmp to path, the old path aside first and deleted last: a crash
-    leaves a complete folder at path, or (between the renames) the old one at {path}.old-*/x."""
-    for folder, _, files in os.walk(tmp):  # on disk before the rename (a power loss, not only a crash)
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
-        os.rename(path, os.path.join(old, "x"))
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_file(folder, name, write):
+    """write(tmp) fills a temporary file, which is then flushed to disk and renamed to folder/name, with
+    the permissions a new file gets (0644 under the usual umask: safetensors creates its files 0600, and
+    a vLLM server or a colleague under another user must be able to read a checkpoint)."""
+    tmp = os.path.join(folder, f".{name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename (a power loss, not only a crash)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, os.path.join(folder, name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
+
+def _dump_json(obj, file):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -50,6 +50,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 
 import torch
@@ -57,6 +58,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 import chat
 import eval as evaluation
+from checkpoint import RunError
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig, Transformer
 
@@ -229,12 +231,32 @@ def plot_history(history, path, title="toy task"):
 # The demo driver: `python train.py` (train.py --preset toy) lands here
 
 
+# What the demo writes into --out. The demo starts from scratch on every run, so a rerun into the same
+# --out (`python train.py` twice) first removes these, and only these: a folder that holds anything
+# else (a real run's checkpoints, a user's files) is refused instead.
+DEMO_OUTPUTS = ("base", "sft.jsonl", "rl.jsonl", "test.jsonl", "sft", "rl", "think_ratio.png", "summary.json")
+
+
+def clear_demo_folder(out):
+    if not os.path.isdir(out):
+        return
+    if foreign := sorted(set(os.listdir(out)) - set(DEMO_OUTPUTS)):
+        raise RunError(f"--out {out} holds files the toy demo did not write ({', '.join(foreign[:5])}): "
+                       f"give the demo an empty or new --out")
+    if previous := sorted(os.listdir(out)):
+        print(f"== the toy demo starts over: removing the previous demo's {', '.join(previous)} from {out}")
+    for name in previous:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def run_demo(cfg):
     """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
     cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
     import train  # train.py imports this module only when the demo runs: no import cycle at load time
 
     out = cfg.out
+    clear_demo_folder(out)
     base = os.path.join(out, "base")
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()

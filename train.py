@@ -37,8 +37,9 @@ import chat
 import degrpo
 import eval as evaluation
 import sft
-from checkpoint import current_device, full_tensors, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
-from model import Transformer
+from checkpoint import (RunError, claim_run_folder, current_device, full_tensors, latest_checkpoint, load_checkpoint,
+                        save_checkpoint, trim_metrics)
+from model import Transformer, load_config
 from rewards import reward_details, score
 
 # -----------------------------------------------------------------------------
@@ -53,9 +54,11 @@ def arg(default, help):  # a config field and its --help text
 class TrainConfig:
     preset: str | None = arg(None, "toy: the CPU demo end to end (the default without --model)")
     stage: str = arg("rl", "sft (warm-up distillation) or rl (DeGRPO)")
-    model: str | None = arg(None, "Hugging Face checkpoint folder to start from")
+    model: str | None = arg(None, "checkpoint to start from: a Hugging Face folder, or a Hub id such as "
+                        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (downloaded when no such folder exists)")
     data: str | None = arg(None, "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}")
-    out: str = arg("runs/thinkless", "checkpoints and metrics.jsonl go here")
+    out: str = arg("runs/thinkless", "checkpoints and metrics.jsonl go here; a folder that holds another run's is "
+                   "refused without --resume")
     steps: int | None = arg(None, "optimizer steps (sft) / rollout batches (rl); default: one pass over the data")
     batch_size: int = arg(128, "global: sequences per sft step, prompts per rl step")
     lr: float | None = arg(None, "peak lr; default 1e-5 (sft, cosine) / 1e-6 (rl, constant)")
@@ -82,7 +85,10 @@ class TrainConfig:
     max_batch: int = arg(64, "rows the sampler decodes together")
     save_every: int = 50
     keep_last: int = 3
-    resume: bool = arg(False, "continue from the newest checkpoint in --out")
+    resume: bool = arg(False, "continue from the newest checkpoint in --out (none there: an error); every flag must "
+                       "be the saved run's except --correct-think, --steps (rl), --save-every, --keep-last and the "
+                       "operational --out, --max-batch, --micro-batch-tokens, --grad-checkpointing "
+                       "(checkpoint.RESUMABLE_CHANGES says why)")
     seed: int = 0
 
     def stage_default(self, name, sft_value, rl_value):
@@ -113,6 +119,8 @@ def parse_args(argv=None) -> TrainConfig:
         ignored = sorted(f"--{name.replace('_', '-')}" for name in fixed if getattr(cfg, name) != getattr(TrainConfig(), name))
         if ignored:
             parser.error(f"the toy demo sets {', '.join(ignored)} itself (toy.py); give --model and --data to run a stage")
+        if cfg.resume:
+            parser.error("the toy demo starts from scratch on every run (toy.DEMO_OUTPUTS); --resume is for --model runs")
     if cfg.preset is None and cfg.data is None:
         parser.error("--data is required with --model")
     for name in ("keep_last", "save_every", "batch_size", "group_size", "micro_batch_tokens", "max_batch"):
@@ -199,18 +207,58 @@ def batch_indices(n_items, batch_size, step, seed, rank, world):
 # Training
 
 
+def load_items(cfg: TrainConfig, tokenizer, eos_id):
+    """The training items of cfg.data, tokenized: sft (prompt ids, response ids + eos) pairs within
+    --max-len, rl (prompt ids, answer) problems within --max-prompt-len."""
+    if cfg.stage == "sft":
+        pairs = sft.read_sft_jsonl(cfg.data)
+        examples = [(chat.encode_prompt(tokenizer, q), tokenizer.encode(r, add_special_tokens=False).ids + [eos_id])
+                    for q, r in pairs]
+        items = [e for e in examples if len(e[0]) + len(e[1]) <= cfg.max_len]
+        print0(f"sft: {len(items)} pairs ({len(examples) - len(items)} dropped over {cfg.max_len} tokens)")
+    else:
+        problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
+        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
+        items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
+        print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
+    if not items:
+        raise ValueError(f"{cfg.data}: no item within the length limits")
+    return items
+
+
+def progress(stage, m):
+    """The metrics of a step for the progress line. rl: think k/n counts the samples that chose
+    <think> (the rest chose <short> or neither); malformed counts format errors of either mode or none
+    (rewards.py: no control token, a chain never closed, no \\boxed{}). The gradient norm in 3
+    significant digits: 1e-5 must not print as 0.000."""
+    if stage == "sft":
+        return f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3g} | lr {m['lr']:.2e}"
+    return (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
+            f"short {m['short']} acc {m['acc_short']:.2f} | malformed {m['malformed']} | len {m['response_len']:.0f} | "
+            f"kl {m['kl']:.4f} | clip {m['clip_frac']:.3f} | grad {m['grad_norm']:.3g}")
+
+
 def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
-    on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot)."""
+    on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
+    A mistake in the command (checkpoint.RunError) is found before any model is loaded."""
     rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), current_device())
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
+                                          dataclasses.asdict(TrainConfig()))
+    try:  # the cheap reads first: a typo must not cost the minutes of loading a 7B model
+        model_dir = chat.resolve_model(cfg.model)
+        tokenizer = chat.load_tokenizer(model_dir)
+        ids = chat.control_ids(tokenizer)
+        vocab_size = chat.tokenizer_vocab_size(tokenizer, load_config(model_dir).vocab_size)
+        items = load_items(cfg, tokenizer, ids.eos)
+    except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
+        raise RunError(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)) from None
+    total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
     torch.manual_seed(cfg.seed)
-    tokenizer = chat.load_tokenizer(cfg.model)
-    ids = chat.control_ids(tokenizer)
-    policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    policy = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
-    vocab_size = chat.tokenizer_vocab_size(tokenizer, policy.config.vocab_size)
     if dist.is_initialized():  # FSDP2: bf16 compute on GPU, fp32 master weights (CPU: fp32 throughout)
         shard(policy, device)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)
@@ -218,23 +266,10 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95) if cfg.stage == "sft" else (0.9, 0.999),
                                   weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
 
-    if cfg.stage == "sft":
-        pairs = sft.read_sft_jsonl(cfg.data)
-        examples = [(chat.encode_prompt(tokenizer, q), tokenizer.encode(r, add_special_tokens=False).ids + [ids.eos])
-                    for q, r in pairs]
-        kept = [e for e in examples if len(e[0]) + len(e[1]) <= cfg.max_len]
-        print0(f"sft: {len(kept)} pairs ({len(examples) - len(kept)} dropped over {cfg.max_len} tokens)")
-        items = kept
-        total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
-    else:
-        problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
-        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
-        items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
-        print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
-        total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
+    if cfg.stage == "rl":
         sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        sampler_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval()
-        ref_model = Transformer.from_pretrained(cfg.model, dtype=sample_dtype, device=device).eval() if cfg.beta else None
+        sampler_model = Transformer.from_pretrained(model_dir, dtype=sample_dtype, device=device).eval()
+        ref_model = Transformer.from_pretrained(model_dir, dtype=sample_dtype, device=device).eval() if cfg.beta else None
         alpha = cfg.alpha or "0.001"  # the official control-token weight
         rl_cfg = degrpo.RLConfig(
             group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -245,13 +280,16 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
 
         def reward_fn(tokens, answer):
             d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
-            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct}
+            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct,
+                                                               "format_ok": d.format_ok}
 
     start = 0
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.resume and (ckpt := latest_checkpoint(cfg.out)):
-        start = load_checkpoint(ckpt, policy, optimizer)["step"]
-        print0(f"resumed from {ckpt} at step {start}")
+    if resume_from:
+        start = load_checkpoint(resume_from, policy, optimizer)["step"]
+        print0(f"resumed from {resume_from} at step {start}")
+        for note in notes:
+            print0(note)
         if cfg.stage == "rl":
             copy_weights(policy, sampler_model)
     metrics_file = os.path.join(cfg.out, "metrics.jsonl")
@@ -266,21 +304,18 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
                 g["lr"] = lr_now
             m = sft.sft_step(policy, optimizer, [items[i][0] for i in mine], [items[i][1] for i in mine],
                              cfg.micro_batch_tokens, cfg.grad_clip, world)
-            line = f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3f} | lr {lr_now:.2e}"
+            m["lr"] = lr_now
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
                                eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
-            line = (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
-                    f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "
-                    f"clip {m['clip_frac']:.3f} | grad {m['grad_norm']:.3f}")
         elapsed = time.time() - t_start
         if time.time() - t_print >= 2 or step + 1 == total_steps:  # every step, or every 2 s when steps are fast
             t_print = time.time()
             eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
-            print0(f"{cfg.stage} step {step + 1}/{total_steps} | {line} | {elapsed / (step + 1 - start):.2f}s/step | "
-                   f"ETA {eta / 60:.1f}m")
+            print0(f"{cfg.stage} step {step + 1}/{total_steps} | {progress(cfg.stage, m)} | "
+                   f"{elapsed / (step + 1 - start):.2f}s/step | ETA {eta / 60:.1f}m")
         if rank == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps({"stage": cfg.stage, "step": step + 1, **m}) + "\n")
@@ -295,14 +330,21 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.preset == "toy":
-        import toy
+    status = 0
+    try:
+        if cfg.preset == "toy":
+            import toy
 
-        toy.run_demo(cfg)
-    else:
-        train(cfg)
+            toy.run_demo(cfg)
+        else:
+            train(cfg)
+    except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
+        print0(f"error: {e}")
+        status = 1
     if dist.is_initialized():
         dist.destroy_process_group()
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

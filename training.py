@@ -81,7 +81,9 @@ def token_logprobs(model, idx, targets, temperature=1.0, with_entropy=False, voc
         out = fused_logprobs(h, weight[:vocab_size], flat_targets[rows], temperature=temperature,
                              return_entropy=with_entropy)
         logp, entropy = out if with_entropy else (out, None)
-        scatter = lambda x: torch.zeros(B * L, dtype=torch.float32, device=x.device).index_copy(0, rows, x).view(B, L)
+        # a new (B, L) tensor, not a view of a flat one: FSDP2 warns about views returned from forward
+        # (an in-place op on one would skip its backward hook)
+        scatter = lambda x: torch.zeros(B, L, dtype=torch.float32, device=x.device).index_put((rows // L, rows % L), x)
         return scatter(logp), (scatter(entropy) if with_entropy else None)
 
     return model(idx, head=head)

@@ -50,7 +50,8 @@ from collections import Counter
 import torch
 from tokenizers import Tokenizer
 
-from chat import ASSISTANT, BOS, END_THINK, EOS, INSTRUCTION, SHORT, THINK, USER, render_prompt, tokenizer_vocab_size
+from chat import (ASSISTANT, BOS, END_THINK, EOS, INSTRUCTION, SHORT, THINK, USER, render_prompt, resolve_model,
+                  tokenizer_vocab_size)
 from model import Transformer
 from rewards import last_boxed
 from sampler import generate
@@ -62,7 +63,7 @@ THINK_STOPS = (EOS,)
 SHORT_STOPS = ("<|im_end|>", "<|endoftext|>")
 SEED = 0  # the sampler's seed: the same data for any --max-batch
 
-# one reason per dropped prompt, the first that applies, in this order
+# why a prompt is dropped; every reason that applies is counted, so one prompt may count under several
 DROP_REASONS = ("think truncated", "think without </think>", "think without \\boxed{} after </think>",
                 "short truncated", "short without \\boxed{}", "over --max-len")
 
@@ -130,7 +131,8 @@ def run_expert(name, model_dir, template, stop_tokens, questions, max_new_tokens
 
 
 def build_pairs(questions, think, short, student_tokenizer, max_len):
-    """Records [{"prompt", "response"}] (think then short, per kept question) and Counter of outcomes.
+    """Records [{"prompt", "response"}] (think then short, per kept question) and a Counter: "kept",
+    "dropped" (prompts) and each of DROP_REASONS (prompts it applies to; a prompt may have several).
 
     think, short: [(text, finish_reason)] per question, the text without its control token."""
     def length(q, text):  # the student's sequence: prompt + control token + text + end-of-sentence
@@ -140,12 +142,11 @@ def build_pairs(questions, think, short, student_tokenizer, max_len):
     records, counts = [], Counter()
     for q, (t_text, t_reason), (s_text, s_reason) in zip(questions, think, short):
         checks = (t_reason == "length", END_THINK not in t_text, not last_boxed(t_text.split(END_THINK, 1)[-1]),
-                  s_reason == "length", not last_boxed(s_text))
-        drop = next((r for r, bad in zip(DROP_REASONS, checks) if bad), None)
-        if drop is None and max(length(q, t_text), length(q, s_text)) > max_len:
-            drop = "over --max-len"
-        counts[drop or "kept"] += 1
-        if drop is None:
+                  s_reason == "length", not last_boxed(s_text), max(length(q, t_text), length(q, s_text)) > max_len)
+        reasons = [r for r, bad in zip(DROP_REASONS, checks) if bad]
+        counts.update(reasons)
+        counts["dropped" if reasons else "kept"] += 1
+        if not reasons:
             records += [{"prompt": q, "response": f"{THINK}\n{t_text}"},
                         {"prompt": q, "response": f"{SHORT}\n{s_text}"}]
     return records, counts
@@ -164,8 +165,10 @@ def write_jsonl_atomic(path, records):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", required=True, help="JSONL with a string `problem` per line")
-    ap.add_argument("--think-model", required=True, help="reasoning expert folder (R1-Distill style)")
-    ap.add_argument("--short-model", required=True, help="instruction expert folder (Qwen2.5-Instruct style, ChatML)")
+    ap.add_argument("--think-model", required=True, help="reasoning expert (R1-Distill style): a folder, or a Hub id "
+                    "such as deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, downloaded when no such folder exists")
+    ap.add_argument("--short-model", required=True, help="instruction expert (Qwen2.5-Instruct style, ChatML): a "
+                    "folder or a Hub id")
     ap.add_argument("--out", required=True, help="output JSONL of {prompt, response} pairs")
     ap.add_argument("--max-len", type=int, default=16384, help="drop a prompt when either of its student sequences "
                     "(prompt + response + end-of-sentence) is longer")
@@ -185,6 +188,7 @@ def main(argv=None):
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"--out {args.out}: folder {out_dir} does not exist")
     questions = load_prompts(args.prompts)[:args.limit]
+    args.think_model, args.short_model = resolve_model(args.think_model), resolve_model(args.short_model)
     for d in (args.think_model, args.short_model):  # the second expert runs after hours of the first
         if not os.path.isfile(os.path.join(d, "config.json")):
             raise FileNotFoundError(f"{d}: no config.json (expected a checkpoint folder)")
@@ -197,7 +201,8 @@ def main(argv=None):
     short = run_expert("short expert", args.short_model, SHORT_TEMPLATE, SHORT_STOPS, questions, *sampling)
     records, counts = build_pairs(questions, think, short, student_tokenizer, args.max_len)
     write_jsonl_atomic(args.out, records)
-    print(f"{len(questions)} prompts: {counts['kept']} kept ({len(records)} records to {args.out}); dropped: "
+    print(f"{len(questions)} prompts: {counts['kept']} kept ({len(records)} records to {args.out}), "
+          f"{counts['dropped']} dropped; why (a prompt may have several reasons): "
           + ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS))
     if not records:
         print(f"warning: no pair kept, {args.out} is empty (sft.read_sft_jsonl refuses it)", file=sys.stderr)

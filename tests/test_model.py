@@ -199,6 +199,63 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
     assert not [f for f in os.listdir(os.path.dirname(saved)) if ".tmp-" in f]
 
 
+def test_save_into_a_folder_keeps_its_other_files(saved):
+    """A user puts the tokenizer in first: saving the weights must not delete it."""
+    for name in ("tokenizer.json", "notes.txt"):
+        with open(os.path.join(saved, name), "w") as f:
+            f.write(name)
+    ours = Transformer.from_pretrained(saved, dtype=torch.float32)
+    ours.save_pretrained(saved)
+    for name in ("tokenizer.json", "notes.txt"):
+        assert open(os.path.join(saved, name)).read() == name
+    files = set(os.listdir(saved))  # transformers' generation_config.json too
+    assert {"config.json", "model.safetensors", "notes.txt", "tokenizer.json"} <= files, files
+    assert not [f for f in files if f.startswith(".")]  # no temporary file left
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_pretrained(saved, dtype=torch.float32)(_batch()), ours(_batch()))
+
+
+def test_save_over_a_sharded_checkpoint_removes_its_stale_weight_files(tmp_path):
+    """Sharded, then single file, then sharded again: the files of the earlier save that this one does
+    not rewrite are removed (a stale index would load the old shards), everything else is kept."""
+    ours = Transformer.from_pretrained(save_hf_model(make_hf_model("qwen2"), tmp_path / "hf"), dtype=torch.float32)
+    out = tmp_path / "ours"
+    os.makedirs(out)
+    (out / "tokenizer.json").write_text("{}")
+    for shard_bytes, expected in ((50_000, "index"), (None, "single"), (50_000, "index")):
+        with torch.no_grad():
+            ours.embed_tokens.weight.add_(0.01)  # new weights every time
+        ours.save_pretrained(out, **({"max_shard_bytes": shard_bytes} if shard_bytes else {}))
+        files = sorted(os.listdir(out))
+        weight_files = [f for f in files if f.startswith("model")]
+        if expected == "single":
+            assert weight_files == ["model.safetensors"], files
+        else:
+            n = len(weight_files) - 1
+            assert n > 1 and weight_files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] + [
+                "model.safetensors.index.json"], files
+        assert "tokenizer.json" in files and not [f for f in files if f.startswith(".")]
+        with torch.no_grad():
+            torch.testing.assert_close(Transformer.from_pretrained(out, dtype=torch.float32)(_batch()), ours(_batch()))
+
+
+def test_saved_checkpoint_is_readable_by_other_users(tmp_path):
+    """Folders 0755, files 0644 under the usual umask 022 (a vLLM server under another user reads them);
+    safetensors alone would create model.safetensors 0600."""
+    ours = Transformer(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    old = os.umask(0o022)
+    try:
+        ours.save_pretrained(tmp_path / "new" / "ckpt")
+        ours.save_pretrained(tmp_path / "new" / "ckpt")  # and over an existing one
+    finally:
+        os.umask(old)
+    for folder, _, files in os.walk(tmp_path / "new"):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
+        for f in files:
+            assert os.stat(os.path.join(folder, f)).st_mode & 0o777 == 0o644, f
+
+
 # -----------------------------------------------------------------------------
 # The real base model's config
 

@@ -1,15 +1,17 @@
 """train.py / sft.py / degrpo.py end to end on a tiny model: normalisation, ranks, resume, checkpoints."""
 
+import dataclasses
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import BASE_MODEL_DIR, ROOT
 from safetensors.torch import load_file
 
 import checkpoint
@@ -29,7 +31,7 @@ def assets(tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
                       tie_word_embeddings=True, dtype="float32")
     torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(d / "base")  # replaces the folder: the tokenizer goes in after
+    Transformer(cfg).save_pretrained(d / "base")
     toy.build_tokenizer(d / "base")
     rng = random.Random(0)
     with open(d / "sft.jsonl", "w") as f_sft, open(d / "rl.jsonl", "w") as f_rl:
@@ -44,7 +46,7 @@ def assets(tmp_path_factory):
 def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), timeout=300):
     """script (train.py) in a fresh process (torchrun with gloo when nproc > 1): (returncode, output)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # warnings shown: a run must print none (test_no_warnings_*)
     proc = subprocess.Popen(launcher + [str(script)] + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -120,8 +122,10 @@ def test_sft_lowers_loss(assets, tmp_path):
 
 
 def test_two_ranks_equal_one_rank_sft(assets, tmp_path):
-    train_py(sft_args(assets, tmp_path / "one"))
-    train_py(sft_args(assets, tmp_path / "two"), nproc=2)
+    output = train_py(sft_args(assets, tmp_path / "one"))
+    assert "Warning" not in output, output  # e.g. DCP's "assuming single process" at the save
+    output = train_py(sft_args(assets, tmp_path / "two"), nproc=2)
+    assert "Warning" not in output, output  # e.g. FSDP2's "returned a view tensor", once per rank
     assert_same_weights(tmp_path / "one" / "step_000003", tmp_path / "two" / "step_000003", atol=1e-6)
 
 
@@ -134,7 +138,8 @@ def sft_model(assets, tmp_path_factory):
 
 def test_two_ranks_equal_one_rank_rl(assets, sft_model, tmp_path):
     train_py(rl_args(assets, sft_model, tmp_path / "one"))
-    train_py(rl_args(assets, sft_model, tmp_path / "two"), nproc=2)
+    output = train_py(rl_args(assets, sft_model, tmp_path / "two"), nproc=2)
+    assert "Warning" not in output, output
     a, b = tmp_path / "one" / "step_000002", tmp_path / "two" / "step_000002"
     assert_same_weights(a, b, atol=1e-5)
     # and the step did change the weights
@@ -234,3 +239,224 @@ train.main(sys.argv[1:])
 """)
     returncode, output = run(sft_args(assets, tmp_path / "out"), nproc=2, script=script, timeout=120)
     assert returncode != 0 and "injected failure on rank 1" in output
+
+
+# -----------------------------------------------------------------------------
+# Run folders, mistakes in the command, warnings
+
+
+def run_main(args, capsys):
+    """train.main in this process: (exit status, printed output)."""
+    try:
+        train.main([str(a) for a in args])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().out
+
+
+def test_rerun_into_a_used_out_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "sft"
+    train.train(train.parse_args([str(a) for a in sft_args(assets, out, steps=2)]))
+    capsys.readouterr()
+    before = sorted(os.listdir(out)), (out / "metrics.jsonl").read_text()
+    status, output = run_main(sft_args(assets, out, steps=1), capsys)
+    assert status == 1 and output == (f"error: --out {out} holds another run (step_000002, metrics.jsonl): give "
+                                      f"--resume to continue it, or another --out to start a new one (or delete them)\n")
+    assert (sorted(os.listdir(out)), (out / "metrics.jsonl").read_text()) == before  # nothing lost
+
+
+def test_resume_with_nothing_to_resume_stops(assets, tmp_path, capsys):
+    status, output = run_main(sft_args(assets, tmp_path / "typo") + ["--resume"], capsys)
+    assert status == 1 and output.startswith(f"error: --resume: no checkpoint (step_NNNNNN/) in {tmp_path / 'typo'}")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_resume_refuses_a_changed_batch_size(assets, tmp_path, capsys):
+    out = tmp_path / "sft"
+    train.train(train.parse_args([str(a) for a in sft_args(assets, out, steps=2) + ["--save-every", 1]]))
+    checkpoint.shutil.rmtree(out / "step_000002")  # the run stopped after step 1's checkpoint
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    args = sft_args(assets, out, steps=2) + ["--save-every", 1, "--resume"]
+    args[args.index("--batch-size") + 1] = 8
+    status, output = run_main(args, capsys)
+    assert status == 1 and "--batch-size 8, the saved run has 16" in output, output
+    assert (out / "metrics.jsonl").read_text() == metrics and checkpoint.checkpoints(out) == ["step_000001"]
+
+
+def test_resume_with_a_changed_correct_think(assets, sft_model, tmp_path, capsys):
+    """The official recipe trains with correct_think 0.5, then resumes with 0.8 (and more steps)."""
+    out = tmp_path / "rl"
+    train.train(train.parse_args([str(a) for a in rl_args(assets, sft_model, out, steps=1)]))
+    capsys.readouterr()
+    status, output = run_main(rl_args(assets, sft_model, out, steps=2) + ["--correct-think", 0.8, "--resume"], capsys)
+    assert status == 0 and "resume: --correct-think 0.5 -> 0.8" in output and "resume: --steps 1 -> 2" in output, output
+    assert "rl step 2/2" in output and "rl step 1/2" not in output
+    assert checkpoint.read_trainer_state(out / "step_000002")["config"]["correct_think"] == 0.8
+
+
+def test_resume_compares_every_config_field(tmp_path):
+    """Every TrainConfig field must equal the saved run's unless checkpoint.RESUMABLE_CHANGES lists
+    it: a field added to TrainConfig later is refused by default, and a field an older run's saved
+    config lacks is accepted only at its default."""
+    ckpt = tmp_path / "step_000004"
+    os.makedirs(ckpt)
+
+    def claim(saved, new, defaults=dataclasses.asdict(train.TrainConfig())):
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "config": saved}))
+        return checkpoint.claim_run_folder(str(tmp_path), True, new, defaults)
+
+    cfg = dataclasses.asdict(train.parse_args(["--model", "m", "--data", "d", "--out", str(tmp_path), "--steps", "8"]))
+    assert claim(cfg, dict(cfg, resume=True)) == (str(ckpt), [])
+    path, notes = claim(cfg, dict(cfg, steps=20, keep_last=9, max_batch=4))
+    assert path == str(ckpt) and [n.split(" (")[0] for n in notes] == [
+        "resume: --keep-last 3 -> 9", "resume: --max-batch 64 -> 4", "resume: --steps 8 -> 20"]
+    for change, message in ((dict(lr=1e-5), "--lr 1e-05, the saved run has None"),
+                            (dict(group_size=4), "--group-size 4, the saved run has 8"),
+                            (dict(data="other.jsonl"), "--data other.jsonl, the saved run has d")):
+        with pytest.raises(checkpoint.RunError, match=message):
+            claim(cfg, dict(cfg, **change))
+    with pytest.raises(checkpoint.RunError, match="sft's cosine lr schedule"):  # --steps: rl only
+        claim(dict(cfg, stage="sft"), dict(cfg, stage="sft", steps=20))
+    # a field this version has and the saved run lacks (say a new --compile): its default, or refused
+    defaults = dict(dataclasses.asdict(train.TrainConfig()), compile=False)
+    assert "--compile is not in the saved config" in claim(cfg, dict(cfg, compile=False), defaults)[1][0]
+    with pytest.raises(checkpoint.RunError, match="--compile True, the saved run has <absent>"):
+        claim(cfg, dict(cfg, compile=True), defaults)
+    with pytest.raises(checkpoint.RunError, match="--old-flag was 1 in the saved run; this version has no such flag"):
+        claim(dict(cfg, old_flag=1), cfg)
+
+
+def test_data_is_checked_before_a_model_loads(assets, tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data were read")
+
+    monkeypatch.setattr(train.Transformer, "from_pretrained", load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "a=1 b=2", "answer": "3"}\nnot json\n')
+    cfg = train.parse_args([str(a) for a in rl_args(assets, assets / "base", tmp_path / "rl")])
+    cfg.data = str(bad)
+    with pytest.raises(checkpoint.RunError, match=r"bad.jsonl:2: not valid JSON"):
+        train.train(cfg)
+
+
+def test_bad_data_path_under_torchrun_is_one_line(assets, tmp_path):
+    args = sft_args(assets, tmp_path / "out")
+    args[args.index("--data") + 1] = tmp_path / "nope.jsonl"
+    returncode, output = run(args, nproc=2, timeout=120)
+    assert returncode != 0
+    # once (rank 0), no traceback of ours; torchrun adds its own summary of the failed ranks
+    assert [line for line in output.splitlines() if "nope.jsonl" in line] == [
+        f"error: {tmp_path / 'nope.jsonl'}: No such file or directory"], output
+    assert 'train.py", line' not in output
+
+
+def test_single_process_checkpoint_warns_nothing_and_is_readable(assets, tmp_path):
+    """A save and a load without a process group (one process on a CPU) print no warning (DCP's
+    "assuming single process"), restore the state exactly, and give others read access."""
+    policy = Transformer.from_pretrained(assets / "base", dtype=torch.float32)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    policy(torch.tensor([[1, 2, 3]])).float().pow(2).mean().backward()
+    optimizer.step()
+    old = os.umask(0o022)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ckpt = checkpoint.save_checkpoint(str(tmp_path), 1, policy, optimizer, toy.build_tokenizer(),
+                                              {"step": 1}, keep_last=3)
+            fresh = Transformer.from_pretrained(assets / "base", dtype=torch.float32)
+            fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+            assert checkpoint.load_checkpoint(ckpt, fresh, fresh_opt) == {"step": 1}
+    finally:
+        os.umask(old)
+    for a, b in zip(policy.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    state, fresh_state = optimizer.state_dict()["state"], fresh_opt.state_dict()["state"]
+    torch.testing.assert_close(fresh_state[0]["exp_avg_sq"], state[0]["exp_avg_sq"], atol=0, rtol=0)
+    for folder, _, files in os.walk(ckpt):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
+        for f in files:
+            assert os.stat(os.path.join(folder, f)).st_mode & 0o777 == 0o644, os.path.join(folder, f)
+
+
+HUB_ID = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def test_model_given_as_a_hub_id(assets, tmp_path, monkeypatch):
+    """No such local folder: the checkpoint is fetched with huggingface_hub.snapshot_download (replaced
+    here: no network), and the run's config keeps the id as given."""
+    import huggingface_hub
+
+    calls = []
+
+    def download(repo_id, **kwargs):
+        calls.append(repo_id)
+        return str(assets / "base")  # the folder in the Hub cache
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.chdir(tmp_path)  # no folder named like the id here
+    args = sft_args(assets, tmp_path / "sft", steps=1)
+    args[args.index("--model") + 1] = HUB_ID
+    ckpt = train.train(train.parse_args([str(a) for a in args]))
+    assert calls and set(calls) == {HUB_ID}
+    assert checkpoint.read_trainer_state(ckpt)["config"]["model"] == HUB_ID
+
+
+def test_hub_download_failure_is_one_clear_line(assets, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub: check your internet connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--stage", "sft", "--model", "someone/no-such-model", "--data", str(assets / "sft.jsonl"),
+                    "--out", str(tmp_path / "out")])
+    assert exit.value.code == 1
+    assert capsys.readouterr().out == ("error: someone/no-such-model: no such local folder, and fetching it from the "
+                                       "Hugging Face Hub failed (LocalEntryNotFoundError: cannot reach the Hub: check "
+                                       "your internet connection)\n")
+    # a path (not an owner/name id) is never sent to the Hub
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        train.chat.resolve_model(str(tmp_path / "runs" / "sft" / "step_000001"))
+
+
+def test_rl_progress_line_counts_malformed_samples_and_small_gradients():
+    m = dict(reward=-1.0, think=0, short=0, samples=16, acc_think=0.0, acc_short=0.0, malformed=16, response_len=8.0,
+             kl=0.0, clip_frac=0.0, grad_norm=1e-5)
+    line = train.progress("rl", m)
+    assert "think 0/16" in line and "short 0 " in line and "malformed 16" in line and "grad 1e-05" in line, line
+
+
+def readme_block(heading):
+    """The commands of the first bash block after `heading` in README.md, continuation lines joined."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [line.split() for line in lines]
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(BASE_MODEL_DIR, "tokenizer.json")),
+                    reason=f"no tokenizer.json in {BASE_MODEL_DIR} (the real R1-Distill tokenizer)")
+def test_readme_dry_run_with_the_real_tokenizer(tmp_path):
+    """README's dry run as written (its runs/dry folder moved to a temporary one): a random checkpoint
+    with the real R1-Distill tokenizer, one SFT step, one RL step, an evaluation."""
+    commands = readme_block("### A dry run on a CPU")
+    assert [c[:2] for c in commands] == [["python", "make_random_checkpoint.py"], ["python", "train.py"],
+                                         ["python", "train.py"], ["python", "eval.py"]]
+    for command in commands:
+        command = [sys.executable] + [a.replace("runs/dry", str(tmp_path / "dry")) for a in command[1:]]
+        proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, " ".join(command) + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Warning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    metrics = [json.loads(line) for line in open(tmp_path / "dry" / "rl" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["samples"] == 4
+    import chat
+
+    tok = chat.load_tokenizer(tmp_path / "dry" / "rl" / "step_000001")
+    assert tok.token_to_id(chat.SHORT) == 151650 and tok.get_vocab_size() == 151665
+    summary = json.load(open(tmp_path / "dry" / "eval" / "summary.json"))
+    assert summary["results"]["aime24"]["samples"] == 2
