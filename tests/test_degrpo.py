@@ -184,3 +184,18 @@ def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches
         assert loss == pytest.approx(float(expected), rel=1e-6)  # the stacked log-probs are fp32
     for name in results[0][1]:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], msg=name)
+
+
+def test_rollout_metrics_count_malformed_samples():
+    """malformed: format errors of either mode, and samples without a control token (no mode)."""
+    from degrpo import Rollout, rollout_metrics
+
+    details = [{"mode": None, "correct": False, "format_ok": False},  # no control token
+               {"mode": "think", "correct": False, "format_ok": False},  # chain never closed
+               {"mode": "short", "correct": True, "format_ok": True},
+               {"mode": "think", "correct": True, "format_ok": True}]
+    responses = [[5, 6], [7], [8, 9, 10], [11]]
+    rollout = Rollout([[1]] * 4, responses, [[0.0] * len(r) for r in responses], torch.tensor([-1.0, -1.0, 1.0, 0.5]),
+                      details, torch.tensor([False, True, False, False]))
+    m = rollout_metrics(rollout, group_size=2, device=torch.device("cpu"))
+    assert (m["samples"], m["think"], m["short"], m["malformed"]) == (4, 2, 1, 2)

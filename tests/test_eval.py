@@ -164,3 +164,15 @@ def test_cli_bad_data_fails_before_loading_the_model(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"problem": "a", "answer": "1"}', '{"problem": "b"}'])
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         ev.main(["--model", str(tmp_path / "missing"), "--data", bad])
+
+
+def test_help_shows_the_costly_defaults(capsys):
+    """5 samples of up to 32,768 tokens: hours on a CPU if forgotten, so --help says them."""
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("default 5", "default 32768", "default 0.6", "default 0.95", "default eval_out"):
+        assert shown in text, shown
+    from conftest import ROOT
+
+    assert "/eval_out/" in open(f"{ROOT}/.gitignore").read().split()  # its default output stays out of git

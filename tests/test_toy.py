@@ -2,6 +2,7 @@
 data files, and the tiny model against transformers."""
 
 import json
+import os
 import random
 import re
 
@@ -178,6 +179,32 @@ def test_plot_history(tmp_path):
 
 # -----------------------------------------------------------------------------
 # The pipeline, shortened: train.py's toy preset with fewer steps
+
+
+def test_demo_rerun_starts_over_and_refuses_a_foreign_folder(tmp_path, monkeypatch):
+    """`python train.py` twice into the same --out: the second run replaces the first's outputs. A
+    folder that holds anything the demo did not write is refused and left as it is."""
+    import train
+    from checkpoint import RunError
+
+    monkeypatch.setattr(toy, "SFT_OVERRIDES", dict(toy.SFT_OVERRIDES, steps=2, batch_size=8, save_every=1000))
+    monkeypatch.setattr(toy, "RL_OVERRIDES", dict(toy.RL_OVERRIDES, steps=1, batch_size=4, group_size=2))
+    monkeypatch.setattr(toy, "PROBE_EVERY", 1000)
+    real = toy.write_toy_data
+    monkeypatch.setattr(toy, "write_toy_data", lambda out, seed: real(out, seed, sft_prompts=64, rl_prompts=64,
+                                                                        test_per_level=4))
+    out = tmp_path / "demo"
+    for _ in range(2):
+        toy.run_demo(train.parse_args(["--out", str(out)]))
+    assert sorted(os.listdir(out / "sft")) == ["metrics.jsonl", "step_000002"]
+    assert [json.loads(line)["step"] for line in open(out / "sft" / "metrics.jsonl")] == [1, 2]
+    assert sorted(os.listdir(out)) == sorted(toy.DEMO_OUTPUTS)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match=f"--out {out} holds files the toy demo did not write \\(notes.txt\\)"):
+        toy.run_demo(train.parse_args(["--out", str(out)]))
+    assert sorted(os.listdir(out)) == sorted(toy.DEMO_OUTPUTS + ("notes.txt",))
+    with pytest.raises(SystemExit):  # the demo always starts from scratch: nothing to resume
+        train.parse_args(["--resume"])
 
 
 @pytest.fixture(scope="module")

@@ -110,9 +110,9 @@ def test_scripted_experts_exactly_what_is_kept(tmp_path, monkeypatch, capsys):
     assert [c[2]["vocab_size"] for c in calls] == [think_tok.get_vocab_size(), short_tok.get_vocab_size()]
     assert all(c[2]["max_batch"] == 3 and c[2]["temperature"] == 0.6 and c[2]["top_p"] == 0.95 for c in calls)
 
-    assert dict(counts) == {"kept": 2, "think without </think>": 1, "think without \\boxed{} after </think>": 1,
-                            "short without \\boxed{}": 1, "think truncated": 1, "short truncated": 1,
-                            "over --max-len": 2}
+    assert dict(counts) == {"kept": 2, "dropped": 7, "think without </think>": 1,
+                            "think without \\boxed{} after </think>": 1, "short without \\boxed{}": 1,
+                            "think truncated": 1, "short truncated": 1, "over --max-len": 2}
     expected = []
     for q in ("valid pair", "exactly max-len"):
         expected += [(q, f"{THINK}\n{script[q][0][0]}"), (q, f"<short>\n{script[q][1][0]}")]
@@ -125,7 +125,20 @@ def test_scripted_experts_exactly_what_is_kept(tmp_path, monkeypatch, capsys):
     assert student_length(student, "exactly max-len", expected[2][1]) == max_len
     assert student_length(student, "one over max-len", "<think>\nx" + padded("one over max-len")) == max_len + 1
     printed = capsys.readouterr().out
-    assert "9 prompts: 2 kept (4 records" in printed and "over --max-len 2" in printed
+    assert "9 prompts: 2 kept (4 records" in printed and "7 dropped" in printed and "over --max-len 2" in printed
+
+
+def test_every_drop_reason_of_a_prompt_is_counted(tmp_path):
+    """A prompt whose two responses are both truncated, unclosed and unboxed counts under each reason."""
+    student = byte_tokenizer(tmp_path, [BOS, EOS, USER, ASSISTANT, THINK, END_THINK])
+    questions = ["q1", "q2"]
+    think = [("I start to think and", "length"), ("Fine.\n</think>\n\n\\boxed{2}", "stop")]
+    short = [("It is", "length"), ("\\boxed{2}", "stop")]
+    records, counts = wd.build_pairs(questions, think, short, student, max_len=10)
+    assert len(records) == 0
+    assert dict(counts) == {"dropped": 2, "think truncated": 1, "think without </think>": 1,
+                            "think without \\boxed{} after </think>": 1, "short truncated": 1,
+                            "short without \\boxed{}": 1, "over --max-len": 2}
 
 
 @needs_real
@@ -151,10 +164,26 @@ def test_random_experts_end_to_end(tmp_path, capsys):
     # 8 new tokens cannot hold </think> plus a box (10 tokens at one per byte): nothing can be kept
     counts = wd.main(["--prompts", prompts, "--think-model", think_dir, "--short-model", short_dir, "--out", str(out),
                       "--max-new-tokens", "8", "--max-batch", "2", "--limit", "3", "--temperature", "1.0"])
-    assert sum(counts.values()) == 3 and counts["kept"] == 0 and set(counts) <= set(wd.DROP_REASONS)
+    assert counts["dropped"] == 3 and counts["kept"] == 0
+    assert set(counts) <= set(wd.DROP_REASONS) | {"dropped"}
     assert os.path.getsize(out) == 0
     err = capsys.readouterr().err
     assert "think expert: 3 prompts" in err and "short expert: 3 prompts" in err and "is empty" in err
+
+
+def test_experts_given_as_hub_ids(tmp_path, monkeypatch):
+    """No such local folders: both experts are fetched with huggingface_hub.snapshot_download (replaced
+    here: no network), called with each id."""
+    import huggingface_hub
+
+    think_dir, short_dir = experts(tmp_path)
+    folders, calls = {"someone/r1-like": think_dir, "someone/chatml-like": short_dir}, []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or folders[repo_id])
+    monkeypatch.chdir(tmp_path)
+    prompts = write_lines(tmp_path / "p.jsonl", [{"problem": "what is 1 + 1 ?"}])
+    counts = wd.main(["--prompts", prompts, "--think-model", "someone/r1-like", "--short-model", "someone/chatml-like",
+                      "--out", str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "4"])
+    assert sorted(set(calls)) == ["someone/chatml-like", "someone/r1-like"] and counts["dropped"] == 1
 
 
 def test_bad_input(tmp_path, monkeypatch):
