@@ -183,7 +183,7 @@ def claim_run_folder(out, resume, config: dict, defaults: dict):
     if ckpt is None:
         raise RunError(f"--resume: no checkpoint (step_NNNNNN/) in {out} to resume from: check --out, or drop "
                        f"--resume to start a new run there" + (" after deleting its metrics.jsonl" if used else ""))
-    saved = read_trainer_state(ckpt)["config"]
+    saved = read_trainer_state(ckpt).get("config", {})  # {}: a run too old to have saved it
     notes, refused = [], []
     for name in sorted((set(saved) | set(config)) - {"resume"}):
         old, new = saved.get(name, "<absent>"), config.get(name, "<absent>")

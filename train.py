@@ -15,7 +15,9 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
     update: gathering sharded weights at every decode step would make rollouts crawl.
 Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that transformers and
 eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
-seeds derive from (seed, step), so --resume continues exactly. The toy demo's driver is in toy.py.
+seeds derive from (seed, step), so --resume continues exactly; it refuses flags that would not
+(checkpoint.claim_run_folder), and a new run refuses a folder another run used. Mistakes in the
+command are reported in one line before any model loads. The toy demo's driver is in toy.py.
 """
 
 import argparse
