@@ -38,7 +38,7 @@ def main():
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one untimed warm-up step")
-    p.add_argument("--dtype", default=None, help="bfloat16 or float32, as train.py's --dtype (default: bfloat16 "
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="as train.py's --dtype (default: bfloat16 "
                                                  "on a GPU, float32 on a CPU)")
     args = p.parse_args()
 

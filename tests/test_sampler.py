@@ -194,7 +194,8 @@ def test_sync_every_8_same_tokens_as_1(models):
     kw = dict(temperature=1.0, stop_ids=tuple(range(0, 320, 10)), n=3, seed=7, max_batch=4)  # 1 id in 10 stops
     one, stats = generate(ours, PROMPTS, 40, sync_every=1, **kw), {}
     eight = generate(ours, PROMPTS, 40, sync_every=8, stats=stats, **kw)
-    assert [(c.tokens, c.finish_reason) for g in eight for c in g] == [(c.tokens, c.finish_reason) for g in one for c in g]
+    assert [(c.tokens, c.finish_reason) for g in eight for c in g] == [(c.tokens, c.finish_reason)
+                                                                        for g in one for c in g]
     for a, b in zip(sum(eight, []), sum(one, [])):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
     lengths = [len(c.tokens) for g in one for c in g]
