@@ -38,20 +38,23 @@ def main():
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one untimed warm-up step")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="as train.py's --dtype (default: bfloat16 "
+                                                 "on a GPU, float32 on a CPU)")
     args = p.parse_args()
 
-    rank, world, device = train.setup_distributed()
+    dtype = train.compute_dtype(args)
+    rank, world, device = train.setup_distributed(group_of_one=dtype != torch.float32)
     cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=args.prompt_len + args.new + 64, dtype="float32")
     torch.manual_seed(0)
-    policy = Transformer(cfg).to(device)
+    with torch.device(device):  # initialised where they live: a 1.5B init on one CPU core takes minutes
+        policy = Transformer(cfg)
+        sampler_model = Transformer(cfg).to(dtype).eval()
+        ref_model = Transformer(cfg).to(dtype).eval()
     policy.gradient_checkpointing = args.grad_checkpointing
-    sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sampler_model = Transformer(cfg).to(device, sample_dtype).eval()
-    ref_model = Transformer(cfg).to(device, sample_dtype).eval()
     train.copy_weights(policy, sampler_model)
     train.copy_weights(policy, ref_model)
     if train.dist.is_initialized():
-        train.shard(policy, device)
+        train.shard(policy, dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.01)
     rl_cfg = degrpo.RLConfig(group_size=args.group, max_new_tokens=args.new, micro_batch_tokens=args.micro_batch_tokens,
                              max_batch=args.max_batch)
@@ -60,7 +63,7 @@ def main():
     n_params = sum(p.numel() for p in sampler_model.parameters())
     train.print0(f"{args.shape} ({n_params / 1e6:.0f}M params), {device}, {world} rank(s): {args.prompts} prompts x "
                  f"{args.group} samples x ({args.prompt_len} + {args.new}) tokens per rank, "
-                 f"micro-batch {args.micro_batch_tokens} tokens, grad checkpointing {args.grad_checkpointing}")
+                 f"micro-batch {args.micro_batch_tokens} tokens, grad checkpointing {args.grad_checkpointing}, {dtype}")
     times = []
     for step in range(args.steps + 1):
         if device.type == "cuda":

@@ -8,11 +8,13 @@ with a long-tailed mix of response lengths, with and without refill.
 1. Throughput: the same random-weight model, batch and lengths in both samplers; prompts of one
    length (so transformers needs no padding), sampling at temperature 1 without top-k / top-p,
    no stop token (every row generates --new tokens). On a GPU the tokens/s is also set against the
-   memory-bandwidth roofline: each decode step must read every weight once and the KV of every
-   live token, so tokens/s <= batch * bandwidth / (weight bytes + mean KV bytes per step).
+   memory-bandwidth roofline: each decode step must read every weight once (the input embedding
+   only in the rows it looks up, so it is not counted unless tied to the lm_head) and the KV of
+   every live token, so tokens/s <= batch * bandwidth / (weight bytes + mean KV bytes per step),
+   with the HBM bandwidth of the SXM parts' data sheets (H100 3.35 TB/s, H200 4.8 TB/s).
 2. Utilisation = generated tokens / row-steps (rows decoded, summed over steps). Response lengths
    are forced (a logit bias on a stop id at chosen positions): 90% of the responses are --short
-   tokens long, 10% are 10x that, shuffled.
+   tokens long, 10% are 10x that, shuffled. --sequences 0 skips it.
 """
 
 import argparse
@@ -85,18 +87,21 @@ def throughput(hf, ours, args, device):
         print(f"{name:>13}: {results[name]:10.1f} tokens/s  (median of {args.repeat}: {statistics.median(ts):.3f} s for "
               f"{args.batch} x {args.new} new tokens after {args.prompt}-token prompts)")
     print(f"{'speedup':>13}: {results['sampler.py'] / results['transformers']:.2f}x")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        bw = next((b for k, b in BANDWIDTH.items() if k in name), None)
-        cfg = ours.config
-        weights = sum(p.numel() * p.element_size() for p in ours.parameters())
-        elem = ours.embed_tokens.weight.element_size()
-        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem  # k and v
-        step_bytes = weights + args.batch * (args.prompt + args.new / 2) * kv_per_token
-        if bw:
-            roof = args.batch * bw / step_bytes
-            print(f"{'roofline':>13}: {roof:10.1f} tokens/s on {name} ({bw / 1e12:.2f} TB/s, {step_bytes / 1e9:.2f} GB "
-                  f"per step); sampler.py at {100 * results['sampler.py'] / roof:.0f}% of it")
+    cfg = ours.config
+    read = [p for n, p in ours.named_parameters() if n != "embed_tokens.weight" or cfg.tie_word_embeddings]
+    weights = sum(p.numel() * p.element_size() for p in read)  # bytes read per step
+    elem = ours.embed_tokens.weight.element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem  # k and v
+    step_bytes = weights + args.batch * (args.prompt + args.new / 2) * kv_per_token
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "a CPU"
+    bw = next((b for k, b in BANDWIDTH.items() if k in name), None)
+    if bw:
+        roof = args.batch * bw / step_bytes
+        print(f"{'roofline':>13}: {roof:10.1f} tokens/s on {name} ({bw / 1e12:.2f} TB/s, {step_bytes / 1e9:.2f} GB "
+              f"per step); sampler.py at {100 * results['sampler.py'] / roof:.0f}% of it")
+    else:
+        print(f"{'roofline':>13}: {step_bytes / 1e9:.3f} GB read per decode step; no HBM bandwidth known for {name} "
+              f"(BANDWIDTH has {', '.join(BANDWIDTH)})")
 
 
 def utilisation(ours, args, device):
@@ -144,7 +149,7 @@ def main():
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=128, help="new tokens per row (throughput)")
     p.add_argument("--short", type=int, default=16, help="short response length (utilisation); long = 10x")
-    p.add_argument("--sequences", type=int, default=128, help="sequences in the utilisation mix")
+    p.add_argument("--sequences", type=int, default=128, help="sequences in the utilisation mix (0: skip it)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     args = p.parse_args()
@@ -157,8 +162,9 @@ def main():
         print("== throughput")
         throughput(hf, ours, args, device)
         del hf
-        print("== slot utilisation, long-tailed lengths")
-        utilisation(ours, args, device)
+        if args.sequences:
+            print("== slot utilisation, long-tailed lengths")
+            utilisation(ours, args, device)
 
 
 if __name__ == "__main__":

@@ -39,15 +39,14 @@ def full_tensors(model):
         yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
 
-def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last):
-    """out/step_NNNNNN/: HF weights + tokenizer + trainer/ (DCP) + trainer_state.json, atomically."""
+def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last, dtype=torch.float32):
+    """out/step_NNNNNN/: HF weights in `dtype` + tokenizer + trainer/ (DCP, fp32) + trainer_state.json, atomically."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     final = os.path.join(out, f"step_{step:06d}")
     tmp = os.path.join(out, f".step_{step:06d}.tmp")
-    # The Hugging Face weights: bf16 on GPU (the released checkpoints' dtype), gathered tensor by
-    # tensor into host memory on rank 0, so no GPU holds a second full copy.
-    save_dtype = torch.bfloat16 if current_device().type == "cuda" else torch.float32
-    weights = {name: tensor.to("cpu", save_dtype) for name, tensor in full_tensors(policy) if rank0}
+    # The Hugging Face weights (bf16 on a GPU by default: the released checkpoints' dtype), gathered
+    # tensor by tensor into host memory on rank 0, so no GPU holds a second full copy.
+    weights = {name: tensor.to("cpu", dtype) for name, tensor in full_tensors(policy) if rank0}
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         Transformer.save_pretrained(policy, tmp, state_dict=weights)  # policy only gives the config

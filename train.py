@@ -6,13 +6,17 @@ Defaults are the official hyperparameters for DeepSeek-R1-Distill-Qwen-1.5B (THI
 sections 3 and 4); flags that default to None take the stage's official value.
 
 Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
-  - The trained model is sharded with FSDP2 (`fully_shard` on every block, then the root), bf16
-    compute on GPU, fp32 master weights and fp32 gradient reduction, so one script scales from
-    one GPU to several and to a 7B model.
+  - The trained model is sharded with FSDP2 (`fully_shard` on every block, then the root), fp32
+    master weights and fp32 gradient reduction, compute in --dtype, so one script scales from one
+    GPU to several and to a 7B model.
   - Each rank takes a contiguous slice of the global batch. Losses are normalised by counts summed
     over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
-  - RL samples from an unsharded copy of the current weights (bf16 on GPU), refreshed after every
+  - RL samples from an unsharded copy of the current weights (in --dtype), refreshed after every
     update: gathering sharded weights at every decode step would make rollouts crawl.
+--dtype is the one precision setting: FSDP2's compute dtype, the sampler and reference copies and
+the saved Hugging Face weights. bfloat16 by default on a GPU, float32 on a CPU; a CPU run can ask
+for bfloat16 (a process group of one without torchrun: the bf16 compute is FSDP2's), which is how
+the tests exercise the GPU's precision path.
 Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that transformers and
 eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
 seeds derive from (seed, step), so --resume continues exactly; it refuses flags that would not
@@ -85,6 +89,8 @@ class TrainConfig:
     per_sample: bool = arg(False, "paper's 1/T_i normalisation of the answer term")
     drop_equal_groups: bool = False
     max_batch: int = arg(64, "rows the sampler decodes together")
+    dtype: str | None = arg(None, "bfloat16 or float32: FSDP2's compute, the sampler and reference copies, the saved "
+                                  "weights (master weights stay float32); default bfloat16 on a GPU, float32 on a CPU")
     save_every: int = 50
     keep_last: int = 3
     resume: bool = arg(False, "continue from the newest checkpoint in --out (none there: an error); every flag must "
@@ -128,6 +134,8 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("keep_last", "save_every", "batch_size", "group_size", "micro_batch_tokens", "max_batch"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dtype not in (None, "bfloat16", "float32"):
+        parser.error(f"--dtype must be bfloat16 or float32, got {cfg.dtype!r}")
     if cfg.alpha is not None and cfg.alpha.lower() != "none":
         try:
             float(cfg.alpha)
@@ -140,11 +148,17 @@ def parse_args(argv=None) -> TrainConfig:
 # Distributed setup
 
 
-def setup_distributed():
-    """(rank, world_size, device); initialises the process group under torchrun, and on a GPU
-    without torchrun a group of one, so that one GPU runs the sharded bf16 path of N GPUs."""
+def compute_dtype(cfg):
+    """--dtype as a torch dtype: bfloat16 on a GPU and float32 on a CPU unless asked otherwise."""
+    return getattr(torch, cfg.dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+
+
+def setup_distributed(group_of_one=False):
+    """(rank, world_size, device); initialises the process group under torchrun. Without torchrun:
+    a group of one on a GPU, so that one GPU runs the sharded path of N GPUs, and on a CPU when
+    group_of_one is asked (bf16 compute is FSDP2's mixed precision); else no group (CPU, fp32)."""
     if "RANK" not in os.environ:
-        if not torch.cuda.is_available():
+        if not (torch.cuda.is_available() or group_of_one):
             return 0, 1, torch.device("cpu")
         with socket.socket() as s:  # a free port for the group's rendezvous
             s.bind(("localhost", 0))
@@ -161,11 +175,14 @@ def setup_distributed():
     return rank, world, device
 
 
-def shard(model, device):
-    """FSDP2: every block a unit, then the root (embeddings, final norm, lm_head)."""
+def shard(model, dtype):
+    """FSDP2: every block a unit, then the root (embeddings, final norm, lm_head). Forward and
+    backward run in `dtype` (the fp32 weight shards are cast, then all-gathered in that dtype);
+    gradients are reduce-scattered in fp32 into fp32 shards. gloo has bf16 all-gathers (and fp32
+    reduce-scatters), so the CPU tests run this bf16 path as NCCL does."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -244,7 +261,9 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
     on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
     A mistake in the command (checkpoint.RunError) is found before any model is loaded."""
-    rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), current_device())
+    dtype = compute_dtype(cfg)
+    rank, world, device = (setup_distributed(group_of_one=dtype != torch.float32) if not dist.is_initialized() else
+                           (dist.get_rank(), dist.get_world_size(), current_device()))
     if cfg.batch_size % world:
         raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
@@ -261,17 +280,16 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     torch.manual_seed(cfg.seed)
     policy = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
-    if dist.is_initialized():  # FSDP2: bf16 compute on GPU, fp32 master weights (CPU: fp32 throughout)
-        shard(policy, device)
+    if dist.is_initialized():  # FSDP2: compute in dtype, fp32 master weights (no group: fp32 throughout)
+        shard(policy, dtype)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)
     # betas: (0.9, 0.95) in the warm-up recipe; THINKLESS.md gives none for RL, where verl's default holds
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95) if cfg.stage == "sft" else (0.9, 0.999),
                                   weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
 
     if cfg.stage == "rl":
-        sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        sampler_model = Transformer.from_pretrained(model_dir, dtype=sample_dtype, device=device).eval()
-        ref_model = Transformer.from_pretrained(model_dir, dtype=sample_dtype, device=device).eval() if cfg.beta else None
+        sampler_model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+        ref_model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval() if cfg.beta else None
         alpha = cfg.alpha or "0.001"  # the official control-token weight
         rl_cfg = degrpo.RLConfig(
             group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -325,7 +343,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             on_step(step + 1, sampler_model)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             state = {"step": step + 1, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last)
+            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last, dtype)
             print0(f"saved {last_ckpt}")
     return last_ckpt or latest_checkpoint(cfg.out)
 

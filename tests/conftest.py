@@ -16,6 +16,12 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 BASE_MODEL_DIR = os.path.join(SHARED, "models", "deepseek-r1-distill-qwen-1.5b")
 
 
+def needs_cuda(why):
+    """Marks a CUDA variant of a test: skipped without a GPU, saying what it would check there.
+    Tests whose names contain "cuda" are what gpu_check.sh runs (pytest -k cuda)."""
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU: {why}")
+
+
 def make_hf_model(model_type="qwen2", tied=False, vocab_size=320, seed=0, **overrides):
     """A tiny random transformers Qwen2/Qwen3 model (fp32, eval mode)."""
     import transformers

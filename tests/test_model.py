@@ -1,11 +1,12 @@
-"""model.py against transformers' Qwen2/Qwen3: logits, checkpoint round trips, bad inputs."""
+"""model.py against transformers' Qwen2/Qwen3: logits (and in bf16 on a GPU), checkpoint round trips, bad inputs."""
 
+import copy
 import json
 import os
 
 import pytest
 import torch
-from conftest import BASE_MODEL_DIR, make_hf_model, save_hf_model
+from conftest import BASE_MODEL_DIR, make_hf_model, needs_cuda, save_hf_model
 
 from model import KVCache, ModelConfig, Transformer, load_config
 
@@ -22,6 +23,25 @@ def test_logits_match_transformers(hf_checkpoint):
             expected, got = hf(idx).logits, ours(idx)
         assert expected.std() > 0.05  # random weights give non-trivial logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@needs_cuda("our bf16 logits on the GPU against transformers' fp32 ones, as close as transformers' own bf16")
+def test_logits_match_transformers_cuda_bf16(hf_checkpoint):
+    """No fixed tolerance suits bf16 (8 significant bits; the error grows with the logits), so the
+    yardstick is transformers' own bf16 model on the same GPU: our error against the fp32 truth is
+    at most twice its error (the two round at different points: RoPE, the decode attention's
+    folded heads, RMSNorm), or twice one bf16 rounding of the largest logit (2^-8), if larger."""
+    hf, path = hf_checkpoint
+    hf32 = hf.to("cuda")
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    ours = Transformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    assert ours.embed_tokens.weight.is_cuda and ours.embed_tokens.weight.dtype == torch.bfloat16
+    for idx in (_batch(), _batch(T=1)):  # T = 1 takes the folded (decode) attention path
+        idx = idx.cuda()
+        with torch.no_grad():
+            truth, theirs, got = hf32(idx).logits, hf16(idx).logits.float(), ours(idx).float()
+        bound = 2 * max((theirs - truth).abs().max().item(), 2**-8 * truth.abs().max().item())
+        assert (got - truth).abs().max().item() <= bound
 
 
 def test_sharded_checkpoint(tmp_path):

@@ -1,11 +1,13 @@
 """sampler.py against transformers: greedy tokens equal to HF generate, log-probs equal to HF's full
-forward, sampled tokens inside the top-k / top-p / vocabulary set computed from HF's logits."""
+forward, sampled tokens inside the top-k / top-p / vocabulary set computed from HF's logits; the
+same tokens whatever the batch, refill and sync_every; greedy on a GPU (skipped without one)."""
 
+import copy
 import math
 
 import pytest
 import torch
-from conftest import make_hf_model, save_hf_model
+from conftest import make_hf_model, needs_cuda, save_hf_model
 
 from model import Transformer
 from sampler import generate, hash32, sample, sequence_key, uniform
@@ -51,6 +53,40 @@ def test_greedy_matches_transformers(models, max_batch, sync_every):
         for c in group:  # both samples of a group (one prefilled, one copied) are greedy
             assert c.tokens == ref.tolist()
             assert c.finish_reason == "length" and len(c.logprobs) == 48
+
+
+@needs_cuda("greedy tokens on the GPU (fp32, the CUDA default sync_every=8) equal to transformers' generate")
+def test_greedy_matches_transformers_cuda(models):
+    hf, ours = (copy.deepcopy(m).cuda() for m in models)
+    got = generate(ours, PROMPTS, 48, temperature=0, n=2, max_batch=3)  # refill; sync_every defaults to 8
+    hf.generation_config.eos_token_id = None
+    for p, group in zip(PROMPTS, got):
+        x = torch.tensor([p], device="cuda")
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False,
+                          pad_token_id=0)[0, len(p):]
+        for c in group:
+            assert c.tokens == ref.tolist() and c.finish_reason == "length"
+
+
+@needs_cuda("greedy tokens of our bf16 sampler on the GPU against transformers' fp32 logits")
+def test_greedy_bf16_cuda(models):
+    """In bf16 a near-tie between the two largest logits may resolve either way, so a sequence may
+    leave transformers' fp32 one: each of our tokens is checked instead against transformers' fp32
+    logits of our own sequence (teacher forcing): its logit is within bf16 noise of the largest,
+    the noise being twice transformers' own bf16-vs-fp32 logit error on that sequence (or twice one
+    bf16 rounding, 2^-8, of the largest logit, if larger)."""
+    hf32 = copy.deepcopy(models[0]).cuda()
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    ours = copy.deepcopy(models[1]).to("cuda", torch.bfloat16)
+    got = generate(ours, PROMPTS, 48, temperature=0, max_batch=3)
+    for p, (c,) in zip(PROMPTS, got):
+        assert len(c.tokens) == 48 and c.finish_reason == "length"
+        with torch.no_grad():
+            x = torch.tensor([p + c.tokens], device="cuda")
+            z32, z16 = (m(x).logits[0, len(p) - 1:-1].double() for m in (hf32, hf16))  # (48, V)
+        noise = 2 * max((z16 - z32).abs().max().item(), 2**-8 * z32.abs().max().item())
+        chosen = z32.gather(-1, torch.tensor(c.tokens, device="cuda")[:, None])[:, 0]
+        assert (z32.max(-1).values - chosen).max().item() <= noise
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,vocab_size", [(1.0, 0, 1.0, None), (0.7, 0, 1.0, None),
@@ -148,6 +184,23 @@ def test_same_seed_same_completions_whatever_the_batch(models):
     a = generate(ours, PROMPTS, 5, seed=None)
     torch.manual_seed(0)
     assert generate(ours, PROMPTS, 5, seed=None) == a
+
+
+def test_sync_every_8_same_tokens_as_1(models):
+    """sync_every=8 (the CUDA default: the host reads the rows' state every 8 steps) against 1: rows
+    that stop mid-window idle until the read, and the refill then puts new sequences in their rows;
+    none of it may change a token or add one past a stop."""
+    _, ours = models
+    kw = dict(temperature=1.0, stop_ids=tuple(range(0, 320, 10)), n=3, seed=7, max_batch=4)  # 1 id in 10 stops
+    one, stats = generate(ours, PROMPTS, 40, sync_every=1, **kw), {}
+    eight = generate(ours, PROMPTS, 40, sync_every=8, stats=stats, **kw)
+    assert [(c.tokens, c.finish_reason) for g in eight for c in g] == [(c.tokens, c.finish_reason)
+                                                                        for g in one for c in g]
+    for a, b in zip(sum(eight, []), sum(one, [])):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    lengths = [len(c.tokens) for g in one for c in g]
+    assert sum(L % 8 != 0 and L < 40 for L in lengths) >= 10  # rows did stop mid-window, and were refilled
+    assert stats["steps"] % 8 == 0
 
 
 def test_long_tail_packs_rows(models):

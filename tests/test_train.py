@@ -1,4 +1,5 @@
-"""train.py / sft.py / degrpo.py end to end on a tiny model: normalisation, ranks, resume, checkpoints."""
+"""train.py / sft.py / degrpo.py end to end on a tiny model: normalisation, ranks, resume, checkpoints,
+and the GPU's precision path (--dtype bfloat16) on CPU, with its CUDA variants skipped without a GPU."""
 
 import dataclasses
 import json
@@ -11,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BASE_MODEL_DIR, ROOT
+from conftest import BASE_MODEL_DIR, ROOT, needs_cuda
 from safetensors.torch import load_file
 
 import checkpoint
@@ -43,10 +44,13 @@ def assets(tmp_path_factory):
     return d
 
 
-def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), timeout=300):
-    """script (train.py) in a fresh process (torchrun with gloo when nproc > 1): (returncode, output)."""
+def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), timeout=300, device="cpu"):
+    """script (train.py) in a fresh process (torchrun with gloo when nproc > 1): (returncode, output).
+    device="cpu" hides any GPU, so that the CPU tests check the same thing on every machine."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # warnings shown: a run must print none (test_no_warnings_*)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.Popen(launcher + [str(script)] + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -57,9 +61,9 @@ def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), timeout=300):
     return proc.returncode, output
 
 
-def train_py(args, nproc=1):
+def train_py(args, nproc=1, device="cpu"):
     """train.py, which must succeed; its output."""
-    returncode, output = run(args, nproc)
+    returncode, output = run(args, nproc, device=device)
     assert returncode == 0, output[-5000:]
     return output
 
@@ -219,6 +223,12 @@ def test_bad_data_line_named(tmp_path):
     bad.write_text('{"prompt": "a=1 b=2", "response": "<short>\\\\boxed{3}"}\n{"prompt": "x", "response": "no control"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: response must start with <think> or <short>"):
         sft.read_sft_jsonl(bad)
+
+
+def test_bad_dtype_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "m", "--data", "d", "--dtype", "fp16"])
+    assert "--dtype must be bfloat16 or float32, got 'fp16'" in capsys.readouterr().err
 
 
 def test_a_failing_rank_ends_the_job(assets, tmp_path):
@@ -460,3 +470,103 @@ def test_readme_dry_run_with_the_real_tokenizer(tmp_path):
     assert tok.token_to_id(chat.SHORT) == 151650 and tok.get_vocab_size() == 151665
     summary = json.load(open(tmp_path / "dry" / "eval" / "summary.json"))
     assert summary["results"]["aime24"]["samples"] == 2
+# The GPU's precision path: --dtype bfloat16 (FSDP2 computes in bf16 over fp32 master weights; the
+# sampler and reference copies and the saved weights are bf16), on CPU with gloo, and on a GPU.
+
+# The mean |trainer - sampler| log-prob of the same tokens (the logp_gap metric), both in bf16,
+# before any update. Both compute the logits in bf16 and the log-softmax in fp32, but along
+# different paths (the sampler one token at a time from a bf16 KV cache, the trainer the whole
+# sequence, through FSDP2 and the fused kernel), so they round differently: bf16 keeps 8
+# significant bits, an error of up to 2^-8 |z| per rounding. This model's logits are of order 1
+# (near uniform: entropy ~3.5 nats), so that is ~4e-3 per rounding, partly cancelling; measured
+# 1.4e-4 to 1.9e-4 on CPU. 0.01 leaves room for a GPU's other kernels and still fails on a different
+# distribution (a temperature or vocabulary cut that differs, a mis-indexed KV cache: gaps of
+# order 0.1 to 1).
+BF16_LOGP_GAP = 0.01
+
+
+def test_bf16_rl_step_two_ranks_matches_fp32(assets, sft_model, tmp_path):
+    """One RL step (two optimizer updates) on 2 gloo ranks with --dtype bfloat16, and the same step in
+    float32 on the same rollout (sampled by the bf16 sampler copy): the gradient each update steps
+    with agrees within 5% (relative L2). Why 5%: the bf16 forward and backward round every
+    activation and gradient to 8 significant bits (2^-8 = 0.4% per rounding) through two blocks,
+    the loss and the fused log-probs, about 1% in all (measured 0.6%); 5% is a margin over that, and a wrong
+    step (a dropped micro-batch, a missing rank's gradient, the wrong normalisation) is off by
+    tens of percent."""
+    script = tmp_path / "bf16_vs_fp32.py"
+    script.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+import degrpo, train
+rollouts, grads = [], {{}}
+real_sample, real_step = degrpo.sample_rollouts, degrpo.clip_and_step
+def sample_rollouts(*args, **kwargs):  # the bf16 run samples; the fp32 run steps on the same tokens
+    if not rollouts:
+        rollout = real_sample(*args, **kwargs)
+        # rewards that differ inside every group (this model's answers are all wrong), so that the
+        # policy term has a gradient, not only the KL and entropy terms
+        rollout.rewards = torch.tensor([1.0 if (i + len(r)) % 2 else -1.0 for i, r in enumerate(rollout.responses)])
+        rollouts.append(rollout)
+    return rollouts[0]
+def clip_and_step(model, optimizer, grad_clip):  # the full gradient of every update (a collective)
+    grads.setdefault(dtype, []).append(torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()]))
+    return real_step(model, optimizer, grad_clip)
+degrpo.sample_rollouts, degrpo.clip_and_step = sample_rollouts, clip_and_step
+out = sys.argv[1]
+for dtype in ("bfloat16", "float32"):
+    train.train(train.parse_args(sys.argv[2:] + ["--dtype", dtype, "--out", os.path.join(out, dtype)]))
+if dist.get_rank() == 0:
+    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(grads["bfloat16"], grads["float32"])]
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump({{"rel": rel, "grad_norm": [g.norm().item() for g in grads["float32"]]}}, f)
+dist.destroy_process_group()
+""")
+    out = tmp_path / "out"
+    args = [out] + rl_args(assets, sft_model, out, steps=1) + ["--lr", 1e-6]  # the official RL lr
+    returncode, output = run(args, nproc=2, script=script)
+    assert returncode == 0, output[-5000:]
+    result = json.load(open(out / "result.json"))
+    assert len(result["rel"]) == 2 and min(result["grad_norm"]) > 0.1, result  # the KL and entropy terms alone: ~1e-4
+    assert max(result["rel"]) < 0.05, result
+    assert min(result["rel"]) > 1e-4, result  # the bf16 run did compute in bf16 (float32 twice: exactly 0)
+    bf16, fp32 = ([json.loads(line) for line in open(out / d / "metrics.jsonl")] for d in ("bfloat16", "float32"))
+    assert bf16[0]["reward"] == fp32[0]["reward"]  # one rollout
+    assert bf16[0]["logp_gap"] < BF16_LOGP_GAP, bf16  # bf16 trainer vs bf16 sampler
+    assert 0 < fp32[0]["logp_gap"] < BF16_LOGP_GAP, fp32  # fp32 trainer vs bf16 sampler
+    saved = weights(out / "bfloat16" / "step_000001")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.load(open(out / "bfloat16" / "step_000001" / "config.json"))["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in weights(out / "float32" / "step_000001").values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda(
+    "train.py on one GPU: a process group of one over NCCL, bf16, the compiled Triton kernel, save and --resume"))])
+def test_bf16_group_of_one_save_and_resume(assets, sft_model, tmp_path, device):
+    """python train.py (no torchrun) with --dtype bfloat16: a process group of one (gloo on CPU,
+    NCCL on a GPU), FSDP2 in bf16, bf16 checkpoints that transformers loads, and --resume from step
+    1 ending where the straight run ends. The CPU is deterministic: the weights agree exactly. On a
+    GPU the backward's atomic adds may order sums differently from run to run: the resumed weights
+    may then differ by a rounding of the fp32 master weights, one bf16 step (2^-7 relative) at most."""
+    import transformers
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--dtype", "bfloat16", "--updates-per-rollout", "1"]  # one update: logp_gap is measured before it
+    train_py(rl_args(assets, sft_model, straight) + args, device=device)
+    os.makedirs(resumed)
+    os.rename(straight / "step_000001", resumed / "step_000001")
+    output = train_py(rl_args(assets, sft_model, resumed) + args + ["--resume"], device=device)
+    assert "resumed from" in output and "rl step 1/2" not in output
+    a, b = weights(straight / "step_000002"), weights(resumed / "step_000002")
+    assert max((a[k].float() - v.float()).abs().max().item() for k, v in weights(sft_model).items()) > 1e-3
+    for k in a:
+        assert a[k].dtype == torch.bfloat16
+        torch.testing.assert_close(b[k].float(), a[k].float(), atol=0, rtol=0 if device == "cpu" else 2**-7, msg=k)
+    metrics = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert all(0 < m["logp_gap"] < BF16_LOGP_GAP for m in metrics), metrics
+    hf = transformers.AutoModelForCausalLM.from_pretrained(straight / "step_000002").eval()
+    assert hf.dtype == torch.bfloat16
+    ours = Transformer.from_pretrained(straight / "step_000002")
+    idx = torch.randint(0, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits.float(), ours(idx).float(), atol=0.05, rtol=0)
