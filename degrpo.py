@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from sampler import generate
-from training import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
+from training import all_reduce_sum, batch_rows, clip_and_step, micro_batches, pad_batch, token_logprobs
 
 # -----------------------------------------------------------------------------
 # The formulas
@@ -181,12 +181,12 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
     old_logp, ref_logp = [None] * n, [None] * n
     with torch.no_grad():
         for mb in micro_batches(range(n), lengths, cfg.micro_batch_tokens, device):
-            real, mb = bool(mb), mb or [0]  # an empty micro-batch keeps this rank in step (FSDP)
-            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
+            # an empty micro-batch keeps this rank in step (FSDP): a two-token stand-in, its result unused
+            prompts, responses = batch_rows(mb, rollout.prompts, rollout.responses)
             for store, model, needed in ((old_logp, policy, cfg.updates_per_rollout > 1), (ref_logp, ref_model, cfg.beta)):
                 if needed:  # on-policy with one update: old = current logp, detached in the loop below
                     lp = response_logprobs(model, prompts, responses, cfg.temperature, vocab_size)  # (b, T)
-                    for j, i in enumerate(mb if real else []):
+                    for j, i in enumerate(mb):
                         store[i] = lp[j, : len(responses[j])]
     per_update = []  # the metrics of each optimizer step taken
     U = cfg.updates_per_rollout
@@ -202,12 +202,12 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
         names = ("loss", "clip_frac", "kl", "entropy", "logp_gap", "tokens")  # sums over this update's tokens
         stats = torch.zeros(len(names), dtype=torch.float64)
         for mb in micro_batches(split, lengths, cfg.micro_batch_tokens, device):
-            real, mb = bool(mb), mb or [0]
-            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
-            mask = response_mask(responses, device) & real  # (b, T), all False in a stand-in micro-batch
+            prompts, responses = batch_rows(mb, rollout.prompts, rollout.responses)
+            mask = response_mask(responses, device) & bool(mb)  # (b, T), all False in a stand-in micro-batch
             logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, vocab_size, with_entropy=True)
             old = _stack([old_logp[i] for i in mb], mask) if cfg.updates_per_rollout > 1 else logp.detach()
-            loss, clip_frac = policy_loss(logp, old, advantages[mb].to(device), mask, alpha=cfg.alpha,
+            adv = advantages[mb] if mb else torch.zeros(1)  # (b,)
+            loss, clip_frac = policy_loss(logp, old, adv.to(device), mask, alpha=cfg.alpha,
                                           clip_eps=cfg.clip_eps, num_seqs=num_seqs,
                                           num_tokens=num_all if cfg.alpha is None else max(num_answer, 1),
                                           per_sample=cfg.per_sample)

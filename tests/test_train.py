@@ -111,6 +111,32 @@ def test_sft_gradient_independent_of_micro_batches(assets):
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
+def test_sft_stand_in_micro_batch_costs_two_tokens(assets, monkeypatch):
+    """A padding micro-batch (a rank with fewer than another, under torch.distributed) runs a forward
+    and backward of two tokens, not of a real row, and leaves the loss and gradient as they were."""
+    import chat
+
+    tok = toy.build_tokenizer()
+    pairs = sft.read_sft_jsonl(assets / "sft.jsonl")[:6]
+    prompts = [chat.encode_prompt(tok, q) for q, _ in pairs]
+    responses = [tok.encode(r, add_special_tokens=False).ids for _, r in pairs]
+    runs = []
+    for pad in (0, 2):
+        real = training.micro_batches
+        monkeypatch.setattr(sft, "micro_batches", lambda *a, **k: real(*a, **k) + [[]] * pad)
+        model, tokens, captured = Transformer.from_pretrained(assets / "base", dtype=torch.float64), [], {}
+        model.register_forward_pre_hook(lambda m, args: tokens.append(args[0].numel()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        m = sft.sft_step(model, opt, prompts, responses, 200, grad_clip=1e9)
+        runs.append((m["loss"], captured, tokens))
+    (loss0, grads0, tokens0), (loss1, grads1, tokens1) = runs
+    assert tokens1 == tokens0 + [2, 2] and min(tokens0) > 20
+    assert loss1 == pytest.approx(loss0, rel=1e-12)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-12, rtol=0, msg=name)
+
+
 def test_sft_lowers_loss(assets, tmp_path):
     args = sft_args(assets, tmp_path / "sft", steps=8)
     args[args.index("--lr") + 1] = 5e-3
