@@ -40,6 +40,11 @@ import sft
 from checkpoint import current_device, full_tensors, latest_checkpoint, load_checkpoint, save_checkpoint, trim_metrics
 from model import Transformer
 from rewards import reward_details, score
+from sampler import new_cache
+
+# Memory freed between rollouts and training is reused by either without fragmenting: the caching
+# allocator grows segments in place instead of keeping blocks of each size (read when CUDA starts).
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -67,7 +72,8 @@ class TrainConfig:
     max_prompt_len: int = arg(1024, "rl: skip problems whose prompt is longer")
     max_new_tokens: int = arg(24576, "rl: response length cap")
     micro_batch_tokens: int = arg(32768, "tokens (rows x longest) per forward/backward")
-    grad_checkpointing: bool = arg(False, "recompute blocks in backward")
+    grad_checkpointing: bool = arg(True, "recompute blocks in backward: 1.5B in bf16 keeps 3 kB a token per block "
+                                         "instead of 104 kB (95 GB at 32k tokens without it); off for the toy")
     group_size: int = 8
     temperature: float = 0.6
     alpha: str | None = arg(None, "DeGRPO control-token weight (default 0.001, the toy: 1.0), or 'none' for vanilla GRPO")
@@ -80,6 +86,9 @@ class TrainConfig:
     per_sample: bool = arg(False, "paper's 1/T_i normalisation of the answer term")
     drop_equal_groups: bool = False
     max_batch: int = arg(64, "rows the sampler decodes together")
+    compile: bool = arg(False, "rl: torch.compile the sampler's decode step, with CUDA graphs (for a GPU)")
+    dist_timeout_h: float = arg(3.0, "hours a rank waits in a collective: ranks sample on their own and meet after "
+                                     "the rollout, which can end ~25 min apart at 24k-token responses")
     save_every: int = 50
     keep_last: int = 3
     resume: bool = arg(False, "continue from the newest checkpoint in --out")
@@ -94,8 +103,9 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", " "))
+        if f.type is bool:  # --x and --no-x
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help", " "))
         else:
             kind = {int: int, float: float}.get(f.type) or {"int | None": int, "float | None": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help", " "))
@@ -130,9 +140,10 @@ def parse_args(argv=None) -> TrainConfig:
 # Distributed setup
 
 
-def setup_distributed():
+def setup_distributed(timeout_h=3.0):
     """(rank, world_size, device); initialises the process group under torchrun, and on a GPU
-    without torchrun a group of one, so that one GPU runs the sharded bf16 path of N GPUs."""
+    without torchrun a group of one, so that one GPU runs the sharded bf16 path of N GPUs.
+    timeout_h: how long a collective waits for the slowest rank before the job is aborted."""
     if "RANK" not in os.environ:
         if not torch.cuda.is_available():
             return 0, 1, torch.device("cpu")
@@ -141,13 +152,14 @@ def setup_distributed():
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(hours=timeout_h)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, world, device
 
 
@@ -202,7 +214,7 @@ def batch_indices(n_items, batch_size, step, seed, rank, world):
 def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
     on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot)."""
-    rank, world, device = setup_distributed() if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), current_device())
+    rank, world, device = setup_distributed(cfg.dist_timeout_h) if not dist.is_initialized() else (dist.get_rank(), dist.get_world_size(), current_device())
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     torch.manual_seed(cfg.seed)
@@ -241,7 +253,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
             entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
             drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
-            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip)
+            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip,
+            compile=cfg.compile)
+        # One KV cache for the run, for the longest prompt and response: reused by every rollout, it is
+        # never freed for training to break up (expandable_segments, set above, fights the rest).
+        cache = new_cache(sampler_model, min(cfg.max_batch, cfg.batch_size // world * cfg.group_size),
+                          cfg.max_prompt_len, cfg.max_new_tokens)
 
         def reward_fn(tokens, answer):
             d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
@@ -270,7 +287,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world)
+                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world, cache=cache)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
             line = (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
                     f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "

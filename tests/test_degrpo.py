@@ -223,3 +223,25 @@ def test_stand_in_micro_batches_cost_two_tokens_and_change_nothing(monkeypatch):
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-12, rtol=0, msg=name)
     assert m0 == pytest.approx(m1, rel=1e-12)
+
+
+def test_rollouts_are_graded_in_parallel(monkeypatch):
+    """Grading waits on grader processes (up to a deadline each): a rank's responses are graded
+    GRADERS at a time. The reward function below returns only once two calls run together."""
+    import threading
+
+    import degrpo
+    from degrpo import RLConfig
+
+    monkeypatch.setattr(degrpo, "GRADERS", 2)
+    together = threading.Barrier(2, timeout=20)
+
+    def reward_fn(tokens, answer):
+        together.wait()  # serial grading: BrokenBarrierError after 20 s
+        return float(tokens[0] % 2), {"mode": "short", "correct": answer}
+
+    cfg = RLConfig(group_size=2, max_new_tokens=4, temperature=1.0)
+    r = degrpo.sample_rollouts(tiny_model(0).float(), [[1, 2, 3], [4, 5]], ["a", "b"], reward_fn, cfg, seed=0,
+                               eos_id=0, vocab_size=40)
+    assert r.rewards.tolist() == [float(t[0] % 2) for t in r.responses]  # each reward with its own response
+    assert [d["correct"] for d in r.details] == ["a", "a", "b", "b"] and r.prompts == [[1, 2, 3]] * 2 + [[4, 5]] * 2

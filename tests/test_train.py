@@ -1,5 +1,6 @@
 """train.py / sft.py / degrpo.py end to end on a tiny model: normalisation, ranks, resume, checkpoints."""
 
+import dataclasses
 import json
 import os
 import random
@@ -135,6 +136,56 @@ def test_sft_stand_in_micro_batch_costs_two_tokens(assets, monkeypatch):
     assert loss1 == pytest.approx(loss0, rel=1e-12)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-12, rtol=0, msg=name)
+
+
+def saved_bytes_per_token_per_block(cfg: ModelConfig, checkpointing, T=64):
+    """Bytes a training forward keeps for backward per token and per block (the tensors' storages,
+    weights excluded): the saving of a model of two blocks minus that of one."""
+    saved = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(cfg, num_hidden_layers=layers)).train()
+        model.gradient_checkpointing = checkpointing  # as train.py sets it from --grad-checkpointing
+        weights, storages = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(torch.randint(0, cfg.vocab_size, (1, T)), head=lambda h, w: h.sum())
+        saved.append(sum(storages.values()))
+    return (saved[1] - saved[0]) / T
+
+
+def test_default_flags_checkpoint_activations():
+    """The memory plan of BENCHMARKS.md holds at the default flags: a block keeps its input only
+    (hidden_size values a token: 3 kB in bf16 for the 1.5B model), not all its activations (~34x more:
+    104 kB a token, 95 GB for a 32k-token micro-batch of the 1.5B model). The toy keeps them all."""
+    assert train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
+    assert train.parse_args(["--model", "m", "--data", "d", "--no-grad-checkpointing"]).grad_checkpointing is False
+    assert toy.SFT_OVERRIDES["grad_checkpointing"] is False and toy.RL_OVERRIDES["grad_checkpointing"] is False
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=224, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, dtype="float32")
+    default = train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
+    assert saved_bytes_per_token_per_block(cfg, default) == cfg.hidden_size * 4  # the block input, fp32
+    assert saved_bytes_per_token_per_block(cfg, False) > 20 * cfg.hidden_size * 4
+
+
+def test_process_group_timeout_is_a_flag(monkeypatch):
+    """Ranks sample on their own and meet at the first collective after the rollout: the group's
+    timeout (default 3 h, not torch's 30 min) must cover one rank's longest rollout."""
+    got = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: got.update(timeout=timeout))
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    cfg = train.parse_args(["--model", "m", "--data", "d"])
+    train.setup_distributed(cfg.dist_timeout_h)
+    assert got["timeout"].total_seconds() == 3 * 3600
+    train.setup_distributed(train.parse_args(["--model", "m", "--data", "d", "--dist-timeout-h", "0.5"]).dist_timeout_h)
+    assert got["timeout"].total_seconds() == 1800
 
 
 def test_sft_lowers_loss(assets, tmp_path):
