@@ -143,9 +143,11 @@ def sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg: RLConfig
     samples = [(p, answer, c) for p, answer, group in zip(prompt_ids, answers, outs) for c in group]
     with ThreadPoolExecutor(max_workers=GRADERS) as graders:
         scored = list(graders.map(lambda s: reward_fn(s[2].tokens, s[1]), samples))  # [(reward, details)]
-    return Rollout([p for p, _, _ in samples], [c.tokens for _, _, c in samples], [c.logprobs for _, _, c in samples],
-                   torch.tensor([r for r, _ in scored], dtype=torch.float32), [d for _, d in scored],
-                   torch.tensor([c.finish_reason == "length" for _, _, c in samples]))
+    prompts, _, completions = zip(*samples)
+    rewards, details = zip(*scored)
+    return Rollout(list(prompts), [c.tokens for c in completions], [c.logprobs for c in completions],
+                   torch.tensor(rewards, dtype=torch.float32), list(details),
+                   torch.tensor([c.finish_reason == "length" for c in completions]))
 
 
 def response_logprobs(model, prompts, responses, temperature, vocab_size=None, with_entropy=False):

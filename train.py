@@ -12,7 +12,9 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
   - Each rank takes a contiguous slice of the global batch. Losses are normalised by counts summed
     over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
   - RL samples from an unsharded copy of the current weights (bf16 on GPU), refreshed after every
-    update: gathering sharded weights at every decode step would make rollouts crawl.
+    update: gathering sharded weights at every decode step would make rollouts crawl. Its KV cache
+    is allocated once, for --max-prompt-len + --max-new-tokens, and reused by every rollout. Ranks
+    sample on their own and meet after it: collectives wait up to --dist-timeout-h for the slowest.
 Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that transformers and
 eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
 seeds derive from (seed, step), so --resume continues exactly. The toy demo's driver is in toy.py.
@@ -44,7 +46,8 @@ from sampler import new_cache
 
 # Memory freed between rollouts and training is reused by either without fragmenting: the caching
 # allocator grows segments in place instead of keeping blocks of each size (read when CUDA starts).
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+if not os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):  # the user's setting wins
+    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 # -----------------------------------------------------------------------------
 # Config
