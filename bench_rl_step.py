@@ -3,7 +3,7 @@ Benchmark of one RL step (issue 6): rollouts, update and the refresh of the samp
 apart, on a random-weight model, through the code train.py runs (degrpo.rl_step, FSDP2 on a GPU).
 
     python bench_rl_step.py                                                        # CPU: small shape
-    python bench_rl_step.py --shape 1.5b --prompts 16 --new 4096 --grad-checkpointing  # one GPU
+    python bench_rl_step.py --shape 1.5b --prompts 16 --new 4096 [--compile]           # one GPU
 
 A random model almost never writes its stop token, so every response runs to --new tokens: the
 step's size is fixed (prompts x group x (prompt + new) tokens). The reward is a stub (+1 when the
@@ -20,6 +20,7 @@ import degrpo
 import train
 from bench_sampler import SHAPES
 from model import ModelConfig, Transformer
+from sampler import new_cache
 
 
 def stub_reward(tokens, answer):
@@ -36,7 +37,9 @@ def main():
     p.add_argument("--new", type=int, default=64, help="response tokens")
     p.add_argument("--micro-batch-tokens", type=int, default=32768)
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="as train.py: on by default")
+    p.add_argument("--compile", action="store_true", help="the sampler's decode step compiled (CUDA graphs)")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one untimed warm-up step")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="as train.py's --dtype (default: bfloat16 "
                                                  "on a GPU, float32 on a CPU)")
@@ -57,20 +60,22 @@ def main():
         train.shard(policy, dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.01)
     rl_cfg = degrpo.RLConfig(group_size=args.group, max_new_tokens=args.new, micro_batch_tokens=args.micro_batch_tokens,
-                             max_batch=args.max_batch)
+                             max_batch=args.max_batch, compile=args.compile)
+    cache = new_cache(sampler_model, min(args.max_batch, args.prompts * args.group), args.prompt_len, args.new)
     g = torch.Generator().manual_seed(rank)
     prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     n_params = sum(p.numel() for p in sampler_model.parameters())
     train.print0(f"{args.shape} ({n_params / 1e6:.0f}M params), {device}, {world} rank(s): {args.prompts} prompts x "
                  f"{args.group} samples x ({args.prompt_len} + {args.new}) tokens per rank, "
-                 f"micro-batch {args.micro_batch_tokens} tokens, grad checkpointing {args.grad_checkpointing}, {dtype}")
+                 f"micro-batch {args.micro_batch_tokens} tokens, grad checkpointing {args.grad_checkpointing}, "
+                 f"compile {args.compile}, {dtype}")
     times = []
     for step in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, prompts, [None] * len(prompts), stub_reward,
                            rl_cfg, seed=step, eos_id=0, vocab_size=cfg.vocab_size, first_index=rank * len(prompts),
-                           world_size=world)
+                           world_size=world, cache=cache)
         t0 = time.time()
         train.copy_weights(policy, sampler_model)
         if device.type == "cuda":

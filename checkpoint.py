@@ -163,6 +163,8 @@ RESUMABLE_CHANGES = {
     "micro_batch_tokens": "how a step is split for memory: the loss is normalised over the whole step, "
                           "so only float rounding changes",
     "grad_checkpointing": "recomputes activations for memory; the same arithmetic",
+    "compile": "the sampler's decode step compiled: the same draws, the same tokens (tests/test_sampler.py)",
+    "dist_timeout_h": "how long a rank waits for the others in a collective",
 }
 
 

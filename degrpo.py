@@ -23,14 +23,16 @@ distributed setup and passes in the models and a reward function.
 """
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sampler import generate
-from training import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
+from training import all_reduce_sum, batch_rows, clip_and_step, micro_batches, pad_batch, token_logprobs
 
 # -----------------------------------------------------------------------------
 # The formulas
@@ -92,6 +94,11 @@ def kl_k3(logp, ref_logp):
 # -----------------------------------------------------------------------------
 # The RL step
 
+# Responses graded at once. A grading call mostly waits on a grader process (rewards.py: one per
+# calling thread, each call bounded by its deadline of a few seconds), so threads grade in parallel,
+# and a rank's grading takes at most ceil(responses / GRADERS) deadlines, not one per response.
+GRADERS = min(8, os.cpu_count() or 1)
+
 
 @dataclass
 class RLConfig:
@@ -108,6 +115,7 @@ class RLConfig:
     updates_per_rollout: int = 2  # optimizer steps per rollout batch (mini-batches of prompts)
     micro_batch_tokens: int = 32768  # token budget of one forward/backward
     max_batch: int = 64  # rows the sampler decodes together
+    compile: bool = False  # the sampler's decode step compiled, with CUDA graphs (sampler.generate)
     grad_clip: float = 1.0
 
 
@@ -124,25 +132,22 @@ class Rollout:
 
 
 def sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg: RLConfig, seed, eos_id, vocab_size,
-                    first_index=0):
+                    first_index=0, cache=None):
     """G samples per prompt from the (unsharded) sampler copy, scored by reward_fn(tokens, answer)
-    -> (reward, details dict with at least "mode" and "correct"). first_index: the position of
-    prompt_ids[0] in the global batch, so that each rank draws the samples a single process would."""
+    -> (reward, details dict with at least "mode" and "correct"), GRADERS calls at a time (threads).
+    first_index: the position of prompt_ids[0] in the global batch, so that each rank draws the samples
+    a single process would. cache: the run's KV cache (sampler.new_cache), reused by every rollout."""
     outs = generate(sampler_model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=(eos_id,),
                     n=cfg.group_size, seed=seed, vocab_size=vocab_size, max_batch=cfg.max_batch,
-                    first_index=first_index)
-    prompts, responses, logps, rewards, details, truncated = [], [], [], [], [], []
-    for p, answer, group in zip(prompt_ids, answers, outs):
-        for c in group:
-            reward, info = reward_fn(c.tokens, answer)
-            prompts.append(p)
-            responses.append(c.tokens)
-            logps.append(c.logprobs)
-            rewards.append(reward)
-            details.append(info)
-            truncated.append(c.finish_reason == "length")
-    return Rollout(prompts, responses, logps, torch.tensor(rewards, dtype=torch.float32), details,
-                   torch.tensor(truncated))
+                    first_index=first_index, compile=cfg.compile, cache=cache)
+    samples = [(p, answer, c) for p, answer, group in zip(prompt_ids, answers, outs) for c in group]
+    with ThreadPoolExecutor(max_workers=GRADERS) as graders:
+        scored = list(graders.map(lambda s: reward_fn(s[2].tokens, s[1]), samples))  # [(reward, details)]
+    prompts, _, completions = zip(*samples)
+    rewards, details = zip(*scored)
+    return Rollout(list(prompts), [c.tokens for c in completions], [c.logprobs for c in completions],
+                   torch.tensor(rewards, dtype=torch.float32), list(details),
+                   torch.tensor([c.finish_reason == "length" for c in completions]))
 
 
 def response_logprobs(model, prompts, responses, temperature, vocab_size=None, with_entropy=False):
@@ -181,12 +186,12 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
     old_logp, ref_logp = [None] * n, [None] * n
     with torch.no_grad():
         for mb in micro_batches(range(n), lengths, cfg.micro_batch_tokens, device):
-            real, mb = bool(mb), mb or [0]  # an empty micro-batch keeps this rank in step (FSDP)
-            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
+            # an empty micro-batch keeps this rank in step (FSDP): a two-token stand-in, its result unused
+            prompts, responses = batch_rows(mb, rollout.prompts, rollout.responses)
             for store, model, needed in ((old_logp, policy, cfg.updates_per_rollout > 1), (ref_logp, ref_model, cfg.beta)):
                 if needed:  # on-policy with one update: old = current logp, detached in the loop below
                     lp = response_logprobs(model, prompts, responses, cfg.temperature, vocab_size)  # (b, T)
-                    for j, i in enumerate(mb if real else []):
+                    for j, i in enumerate(mb):
                         store[i] = lp[j, : len(responses[j])]
     per_update = []  # the metrics of each optimizer step taken
     U = cfg.updates_per_rollout
@@ -202,12 +207,12 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
         names = ("loss", "clip_frac", "kl", "entropy", "logp_gap", "tokens")  # sums over this update's tokens
         stats = torch.zeros(len(names), dtype=torch.float64)
         for mb in micro_batches(split, lengths, cfg.micro_batch_tokens, device):
-            real, mb = bool(mb), mb or [0]
-            prompts, responses = [rollout.prompts[i] for i in mb], [rollout.responses[i] for i in mb]
-            mask = response_mask(responses, device) & real  # (b, T), all False in a stand-in micro-batch
+            prompts, responses = batch_rows(mb, rollout.prompts, rollout.responses)
+            mask = response_mask(responses, device) & bool(mb)  # (b, T), all False in a stand-in micro-batch
             logp, entropy = response_logprobs(policy, prompts, responses, cfg.temperature, vocab_size, with_entropy=True)
             old = _stack([old_logp[i] for i in mb], mask) if cfg.updates_per_rollout > 1 else logp.detach()
-            loss, clip_frac = policy_loss(logp, old, advantages[mb].to(device), mask, alpha=cfg.alpha,
+            adv = advantages[mb] if mb else torch.zeros(1)  # (b,)
+            loss, clip_frac = policy_loss(logp, old, adv.to(device), mask, alpha=cfg.alpha,
                                           clip_eps=cfg.clip_eps, num_seqs=num_seqs,
                                           num_tokens=num_all if cfg.alpha is None else max(num_answer, 1),
                                           per_sample=cfg.per_sample)
@@ -267,12 +272,13 @@ def rollout_metrics(rollout: Rollout, group_size, device):
 
 
 def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, reward_fn, cfg: RLConfig, seed,
-            eos_id, vocab_size, first_index=0, world_size=1):
-    """One rollout batch: sample, score, advantages, cfg.updates_per_rollout optimizer steps. Metrics dict."""
+            eos_id, vocab_size, first_index=0, world_size=1, cache=None):
+    """One rollout batch: sample, score, advantages, cfg.updates_per_rollout optimizer steps. Metrics dict.
+    cache: the sampler's KV cache, allocated once per run (sampler.new_cache); None: one per rollout."""
     device = model_device(policy)
     t0 = time.time()
     rollout = sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg, seed, eos_id, vocab_size,
-                              first_index)
+                              first_index, cache)
     t1 = time.time()
     advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.std_normalize)
     equal = (rollout.rewards.view(-1, cfg.group_size) == rollout.rewards.view(-1, cfg.group_size)[:, :1]).all(1)

@@ -101,12 +101,12 @@ def summarize(records: list[dict]) -> dict:
 
 def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temperature=0.6, top_p=0.95,
              max_batch=64, is_equivalent=None, instruction=True, out_jsonl=None, force_mode=None,
-             progress=True) -> dict:
+             progress=True, compile=False) -> dict:
     """Samples and grades `samples` completions per problem; returns summarize() of them all, with a
     "levels" dict of per-level summaries when the problems have a `level` field.
     force_mode "think" or "short" writes that control token as the first response token (the
     always-think / always-short baselines) instead of letting the model choose; it counts as one of the
-    max_new_tokens, as the chosen one would."""
+    max_new_tokens, as the chosen one would. compile: the sampler's compiled decode step (CUDA graphs on a GPU)."""
     if force_mode not in (None, "think", "short"):
         raise ValueError(f"force_mode={force_mode!r}: expected None, 'think' or 'short'")
     if force_mode and max_new_tokens < 2:
@@ -128,7 +128,8 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
         for seed in range(samples):
             t0 = time.time()
             completions = generate(model, prompts, max_new_tokens - len(forced), temperature=temperature, top_p=top_p,
-                                   stop_ids=(ids.eos,), n=1, seed=seed, vocab_size=vocab_size, max_batch=max_batch)
+                                   stop_ids=(ids.eos,), n=1, seed=seed, vocab_size=vocab_size, max_batch=max_batch,
+                                   compile=compile)
             for c in completions:  # the forced control token counts as the response's first token
                 c[0].tokens = forced + c[0].tokens
             responses = [decode_response(tokenizer, c[0].tokens) for c in completions]
@@ -199,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="default %(default)s")
     ap.add_argument("--dtype", default=None, help="bfloat16, float32, ... (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step, with CUDA graphs (for a GPU; slower on a CPU)")
     args = ap.parse_args(argv)
 
     benchmarks = {}
@@ -220,7 +223,7 @@ def main(argv=None):
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, max_batch=args.max_batch,
                                      instruction=not args.no_instruction,
-                                     out_jsonl=os.path.join(args.out_dir, f"{name}.jsonl"))
+                                     out_jsonl=os.path.join(args.out_dir, f"{name}.jsonl"), compile=args.compile)
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
     print(format_table(results))

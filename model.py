@@ -152,16 +152,16 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_k is not None:
-            # Write the new keys/values into the cache, then attend over the row; the mask hides later slots.
+        if cache_k is not None:  # write the new keys/values into the cache
             rows = torch.arange(B, device=x.device) if cache_rows is None else cache_rows
             cache_k[rows[:, None], positions], cache_v[rows[:, None], positions] = k, v
+        if mask is not None:  # attend over the row's slots, the mask hiding later ones (else causal: no mask)
             k, v = (c if cache_rows is None else c[cache_rows] for c in (cache_k, cache_v))  # (B, S, nkv, hd)
         # Decoding (T = 1): the g = nh / nkv query heads of a kv head become g queries of that one head,
         # q (B, nkv, g, hd), so attention reads each cached key/value once for all g (1.8x faster on CPU).
         q = q.view(B, self.n_kv_head, -1, self.head_dim) if T == 1 else q.transpose(1, 2)  # else (B, nh, T, hd)
         y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=cache_k is None and T > 1, enable_gqa=True)  # no cache: causal
+                                           is_causal=mask is None and T > 1, enable_gqa=True)  # flash can run
         return self.o_proj((y if T == 1 else y.transpose(1, 2)).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, H)
 
 
@@ -211,14 +211,16 @@ class Transformer(nn.Module):
 
     def forward(self, idx, positions=None, kv_cache: KVCache | None = None, cache_rows=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V), or head(hidden (B, T, H), lm_head weight (V, H)).
-        positions (B, T) default to 0..T-1; a kv_cache is read and written at (cache_rows[b] or b, positions[b, t])."""
+        A kv_cache is written at (cache_rows[b] or b, positions[b, t]) and read through a mask; with positions
+        None (0..T-1: a prefill from the start of each row) it is only written, attention is plain causal."""
         B, T = idx.shape
+        mask = None  # (B, 1, T, S) with a cache and positions: a query at position p sees the slots <= p of its row
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
+        elif kv_cache is not None:
+            mask = (torch.arange(kv_cache.k.shape[2], device=idx.device) <= positions[:, :, None])[:, None]
         x = self.embed_tokens(idx)  # (B, T, H)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        if kv_cache is not None:  # mask (B, 1, T, S): a query at position p sees the slots <= p of its row
-            mask = (torch.arange(kv_cache.k.shape[2], device=idx.device) <= positions[:, :, None])[:, None]
         for i, block in enumerate(self.layers):
             cache_args = () if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_rows, positions, mask)
             if self.gradient_checkpointing and self.training:

@@ -14,7 +14,10 @@ Rollouts are most of the cost of RL training, so this file is about keeping the 
   its keys/values are copied into the rows of the siblings (from any live row of the same prompt).
 - The prefill covers prompt[:-1] only and computes no logits (the lm_head is skipped); the last
   prompt token is the first input of the decode step. So every sampled token, the first included,
-  comes out of one code path, and a prefill never builds a [tokens, vocab] tensor.
+  comes out of one code path, and a prefill never builds a [tokens, vocab] tensor. Its rows start at
+  position 0: plain causal attention, no mask (so flash attention can run).
+- The cache can be passed in (new_cache): a trainer allocates it once, for its longest prompt and
+  response, and every rollout reuses it.
 - Reproducible whatever max_batch is: token t of sample j of prompt i is drawn by inverse-CDF
   sampling with the uniform number hash(seed, first_index + i, j, t) (a counter-based hash; see
   generate() for first_index), not from one global random stream. A row's numbers for all its steps
@@ -22,8 +25,10 @@ Rollouts are most of the cost of RL training, so this file is about keeping the 
   needs no host sync; the host reads the rows' state back once every `sync_every` steps.
 - Padded vocabulary rows (ids >= vocab_size) are cut off the logits before anything else.
 
-The eager path is the tested one (CPU); `compile=True` compiles the decode step with torch.compile
-for a GPU (dynamic shapes: the rows and slots decoded vary).
+`compile=True` compiles the decode step with torch.compile for a GPU: dynamic shapes (the rows and
+slots decoded vary), CUDA graphs (a decode step of the 1.5B model is ~1,200 small ops: launching
+them costs more CPU time than the GPU needs to run them), the rows and slots rounded up to a few
+buckets so that each recorded graph is replayed. A CPU test checks that it samples the eager tokens.
 """
 
 import copy
@@ -104,10 +109,36 @@ def sample(logits, u, temperature, top_p, top_k, vocab_size):
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def decode_step(model, cache, tok, pos, u, temperature, top_p, top_k, vocab_size):
-    """tok, pos, u (B,) for the first B rows of `cache` -> next tokens, logprobs (B,)."""
-    logits = model(tok[:, None], pos[:, None], kv_cache=cache)[:, -1]  # (B, V)
+def decode_step(model, cache, slots, tok, pos, u, temperature, top_p, top_k, vocab_size):
+    """tok, pos, u (B,) for the first B rows of `cache`, attending over its first `slots` slots -> next
+    tokens, logprobs (B,). The whole cache comes in and the window is cut here: under CUDA graphs the
+    cache is one static input, written in place, never copied into the graph's own buffers."""
+    logits = model(tok[:, None], pos[:, None], kv_cache=window(cache, tok.shape[0], slots))[:, -1]  # (B, V)
     return sample(logits, u, temperature, top_p, top_k, vocab_size)
+
+
+def window(cache, rows, slots):
+    """The cache restricted to its first rows and slots: the same buffers (views), written in place.
+    Attention then reads the slots that some row has reached, not all of them."""
+    view = copy.copy(cache)
+    view.k, view.v = cache.k[:, :rows, :slots], cache.v[:, :rows, :slots]
+    return view
+
+
+def bucket(n):
+    """n rounded up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1/3 more): the decode shapes
+    of a compiled step, so that a few CUDA graphs are recorded and then replayed."""
+    p = 1 << (n - 1).bit_length()  # the next power of two
+    return 3 * p // 4 if n <= 3 * p // 4 else p
+
+
+def new_cache(model: Transformer, rows, prompt_len, max_new_tokens) -> KVCache:
+    """A cache for `rows` sequences of prompts up to prompt_len tokens and max_new_tokens new ones, in
+    the model's dtype, for generate(cache=...): allocated once and reused by every call, it stays one
+    block of device memory instead of a new one of a new size each time (which training, between
+    calls, fragments). A row needs prompt_len + max_new_tokens - 1 slots: the last token is never fed."""
+    cfg, w = model.config, model.embed_tokens.weight
+    return KVCache(cfg, rows, min(prompt_len + max_new_tokens - 1, cfg.max_position_embeddings), w.dtype, w.device)
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +148,7 @@ def decode_step(model, cache, tok, pos, u, temperature, top_p, top_k, vocab_size
 @torch.inference_mode()  # no autograd bookkeeping at all: cheaper than no_grad for small decode ops
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature=1.0, top_p=1.0,
              top_k=0, stop_ids=(), n=1, seed=None, vocab_size=None, max_batch=64, refill=True,
-             sync_every=None, compile=False, stats=None, first_index=0) -> list[list[Completion]]:
+             sync_every=None, compile=False, stats=None, first_index=0, cache=None) -> list[list[Completion]]:
     """Samples n completions of each prompt; result[i][j] is the j-th completion of prompts[i].
 
     temperature 0 is greedy. Log-probs are those of the distribution each token was drawn from:
@@ -132,10 +163,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     max_new_tokens slots). refill=False admits a new batch only once every row has finished (the
     static batching baseline of the benchmark). sync_every: decode steps between host reads of the
     rows' state (default 1 on CPU, 8 on CUDA; a finished row idles until the next read).
-    compile: torch.compile the decode step (meant for a GPU; on a CPU the eager step is faster).
+    compile: torch.compile the decode step, with CUDA graphs on a GPU (mode "reduce-overhead": a step
+    is hundreds of small kernels); the rows and slots decoded are then rounded up by bucket(), so that
+    a few shapes recur. Meant for a GPU: on a CPU the eager step is faster.
     stats: a dict, if given, receives steps, row_steps (rows decoded, summed over steps), tokens.
     first_index: the index of prompts[0] in a larger batch split over calls (or ranks): prompt i draws
     its numbers as prompt first_index + i, so a split batch samples what the whole batch would.
+    cache: a KVCache from new_cache() with at least min(max_batch, len(prompts) * n) rows and the slots
+    of the longest prompt + max_new_tokens - 1, reused (its old contents are never read); default: a new one.
     """
     cfg, device = model.config, model.embed_tokens.weight.device
     context = cfg.max_position_embeddings
@@ -184,8 +219,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # -- the cache and the rows' state. A row fed token t at position p samples the token at p + 1;
     # the last generated token is never fed, so a row needs len(prompt) + max_new_tokens - 1 slots.
     B = min(max_batch, len(prompts) * n)
-    max_len = min(max(len(p) for p in prompts) + max_new_tokens - 1, context)
-    cache = KVCache(cfg, B, max_len, model.embed_tokens.weight.dtype, device)
+    longest = max(len(p) for p in prompts)
+    if cache is None:
+        cache = new_cache(model, B, longest, max_new_tokens)
+    max_len = min(longest + max_new_tokens - 1, context)
+    k, dtype, layers, kv, hd = cache.k, cache.k.dtype, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    if not (k.dim() == 5 and (k.shape[0], *k.shape[3:]) == (layers, kv, hd) and k.shape[1] >= B
+            and k.shape[2] >= max_len and dtype == model.embed_tokens.weight.dtype and k.device == device):
+        raise ValueError(f"cache.k is {tuple(k.shape)} {dtype} on {k.device}: expected ({layers}, >= {B} rows, >= "
+                         f"{max_len} slots, {kv}, {hd}) {model.embed_tokens.weight.dtype} on {device} (see new_cache)")
     # per row: input token, its position, tokens generated, their limit
     tok, pos, count, limit = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))  # (B,)
     alive = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
@@ -195,7 +237,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     draws = torch.zeros(B, max_new_tokens + 1, dtype=torch.float64, device=device)  # uniform of each step
     is_stop = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # (V,) a lookup, not a search
     is_stop[stop_ids] = True
-    step_fn = torch.compile(decode_step) if compile else decode_step
+    if compile:  # dynamic: one compiled graph for all the shapes (CUDA graphs are recorded per bucket)
+        step_fn = torch.compile(decode_step, dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
+        if device.type == "cuda":  # the cache is written in place inside the graph, at a fixed address
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+    else:
+        step_fn = decode_step
     sampling = (temperature, top_p, top_k, vocab_size)
 
     waiting = [(i, j) for i in range(len(prompts)) for j in range(n)][::-1]  # pop() takes the next
@@ -203,13 +251,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     row_pos = [0] * B  # host copy of each busy row's next position (advanced per window, no sync)
     results = [[None] * n for _ in prompts]
     steps = row_steps = 0
-
-    def window(rows, slots):
-        """The cache restricted to its first rows and slots: the same buffers, written in place.
-        Attention then reads the slots that some row has reached, not all max_len of them."""
-        view = copy.copy(cache)
-        view.k, view.v = cache.k[:, :rows, :slots], cache.v[:, :rows, :slots]
-        return view
 
     def admit():
         """Puts waiting sequences into the free rows: prefill new prompts, copy shared prefixes."""
@@ -235,11 +276,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             idx = torch.zeros(len(chunk), T, dtype=torch.long)
             for b, (L, i, _) in enumerate(chunk):
                 idx[b, :L] = torch.tensor(prompts[i][:-1])
-            # Padding continues the positions past the prompt: it writes slots that the row's own
-            # decode overwrites before any query can see them. The head returns nothing: no logits.
-            positions = torch.arange(T).expand(len(chunk), T)
+            # Positions 0..T-1 (None): causal attention over the chunk, no mask. Padding continues the
+            # positions past the prompt: it writes slots that the row's own decode overwrites before any
+            # query can see them. The head returns nothing: no logits.
             rows = torch.tensor([r for _, _, r in chunk], device=device)
-            model(idx.to(device), positions.to(device), kv_cache=window(B, T), cache_rows=rows, head=lambda h, w: None)
+            model(idx.to(device), kv_cache=window(cache, B, T), cache_rows=rows, head=lambda h, w: None)
         if copies:  # all shared prefixes in one indexed copy; the slots past a prompt are don't-care
             copy_slots = max(s for _, _, s in copies)
             src = torch.tensor([s for s, _, _ in copies], device=device)
@@ -263,8 +304,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         src = [r for r in live if r >= len(live)]
         dst = [r for r in range(len(live)) if row_seq[r] is None]
         s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        used = max(row_pos[a] for a in src)  # slots written so far by the moved rows: the rest is don't-care
         for t in (cache.k, cache.v):
-            t[:, d] = t[:, s]
+            t[:, d, :used] = t[:, s, :used]
         for t in (tok, pos, count, limit, alive, out_tok, out_lp, draws):
             t[d] = t[s]
         for a, b in zip(src, dst):
@@ -281,13 +323,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             pack()
         rows_used = 1 + busy()[-1]  # decode only the rows up to the last busy one
         # and only the slots that the busy rows reach in this window (rounded up: fewer shapes)
-        slots = min(max_len, -(-(max(row_pos[r] for r in busy()) + sync_every) // 64) * 64)
-        view, row_ids = window(rows_used, slots), torch.arange(rows_used, device=device)
+        slots = -(-(max(row_pos[r] for r in busy()) + sync_every) // 64)  # in blocks of 64
+        if compile:
+            rows_used, slots = min(B, bucket(rows_used)), bucket(slots)
+        slots = min(max_len, 64 * slots)
+        row_ids = torch.arange(rows_used, device=device)
         # the state of the decoded rows: views, so the in-place updates below write the full tensors
         tok_w, pos_w, count_w, limit_w, alive_w = (t[:rows_used] for t in (tok, pos, count, limit, alive))
         pos_w.clamp_(max=slots - 1)  # free rows decode garbage, inside the window (live ones are < slots)
         for _ in range(sync_every):
-            nxt, lp = step_fn(model, view, tok_w, pos_w, draws[row_ids, count_w], *sampling)
+            nxt, lp = step_fn(model, cache, slots, tok_w, pos_w, draws[row_ids, count_w], *sampling)
             out_tok[row_ids, count_w], out_lp[row_ids, count_w] = nxt, lp
             count_w += alive_w
             alive_w &= (count_w < limit_w) & ~is_stop[nxt]
@@ -300,7 +345,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         done = [r for r, a in enumerate(alive[:rows_used].tolist()) if not a and row_seq[r] is not None]
         if done:
             d = torch.tensor(done, device=device)
-            counts, toks, lps = count[d].tolist(), out_tok[d].tolist(), out_lp[d].tolist()
+            counts = count[d].tolist()  # read back only the columns written (not max_new_tokens + 1)
+            toks, lps = out_tok[d, :max(counts)].tolist(), out_lp[d, :max(counts)].tolist()
             for r, c, t, l in zip(done, counts, toks, lps):
                 i, j = row_seq[r]
                 reason = "stop" if t[c - 1] in stop_ids else "length"

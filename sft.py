@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from training import all_reduce_sum, clip_and_step, micro_batches, pad_batch, token_logprobs
+from training import all_reduce_sum, batch_rows, clip_and_step, micro_batches, pad_batch, token_logprobs
 
 # -----------------------------------------------------------------------------
 # Data
@@ -60,10 +60,10 @@ def sft_step(model, optimizer, prompts, responses, micro_batch_tokens, grad_clip
     num_tokens = all_reduce_sum(torch.tensor([float(sum(map(len, responses)))], dtype=torch.float64), device).item()
     loss_sum = torch.zeros(1, dtype=torch.float64)
     for mb in micro_batches(range(len(prompts)), lengths, micro_batch_tokens, device):
-        real, mb = bool(mb), mb or [0]  # an empty micro-batch keeps this rank in step with the others
-        idx, targets, _ = pad_batch([prompts[i] for i in mb], [responses[i] for i in mb], device)
+        # an empty micro-batch keeps this rank in step with the others: a stand-in, its loss zeroed
+        idx, targets, _ = pad_batch(*batch_rows(mb, prompts, responses), device)
         logp, _ = token_logprobs(model, idx, targets)  # (b, L), 0 outside the responses
-        loss = -logp.sum() / num_tokens * real
+        loss = -logp.sum() / num_tokens * bool(mb)
         # FSDP/DDP average gradients over ranks; the loss is already normalised globally.
         (loss * world_size).backward()
         loss_sum += loss.item()

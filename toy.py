@@ -187,10 +187,10 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 MAX_NEW_TOKENS = 48  # a think answer is 35 tokens with its end-of-sentence, a short one 5
 # Warm-up SFT, measured (module docstring): 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
 SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                     max_len=128, micro_batch_tokens=8192, save_every=500)
+                     max_len=128, micro_batch_tokens=8192, save_every=500, grad_checkpointing=False)
 # RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
 RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
-                    micro_batch_tokens=16384)
+                    micro_batch_tokens=16384, grad_checkpointing=False)
 # DeGRPO's control-token weight for the toy. A control token weighs about alpha x (answer tokens per
 # response) times an answer token: the official 0.001 makes that a few times on the paper's
 # responses of thousands of tokens, but 1/70 on the toy's 5-35, and the mode choice barely moves

@@ -12,7 +12,9 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
   - Each rank takes a contiguous slice of the global batch. Losses are normalised by counts summed
     over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
   - RL samples from an unsharded copy of the current weights (in --dtype), refreshed after every
-    update: gathering sharded weights at every decode step would make rollouts crawl.
+    update: gathering sharded weights at every decode step would make rollouts crawl. Its KV cache
+    is allocated once, for --max-prompt-len + --max-new-tokens, and reused by every rollout. Ranks
+    sample on their own and meet after it: collectives wait up to --dist-timeout-h for the slowest.
 --dtype is the one precision setting: FSDP2's compute dtype, the sampler and reference copies and
 the saved Hugging Face weights. bfloat16 by default on a GPU, float32 on a CPU; a CPU run can ask
 for bfloat16 (a process group of one without torchrun: the bf16 compute is FSDP2's), which is how
@@ -47,6 +49,12 @@ from checkpoint import (RunError, claim_run_folder, current_device, full_tensors
                         save_checkpoint, trim_metrics)
 from model import Transformer, load_config
 from rewards import reward_details, score
+from sampler import new_cache
+
+# Memory freed between rollouts and training is reused by either without fragmenting: the caching
+# allocator grows segments in place instead of keeping blocks of each size (read when CUDA starts).
+if not os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):  # the user's setting wins
+    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 # -----------------------------------------------------------------------------
 # Config
@@ -76,7 +84,8 @@ class TrainConfig:
     max_prompt_len: int = arg(1024, "rl: skip problems whose prompt is longer")
     max_new_tokens: int = arg(24576, "rl: response length cap")
     micro_batch_tokens: int = arg(32768, "tokens (rows x longest) per forward/backward")
-    grad_checkpointing: bool = arg(False, "recompute blocks in backward")
+    grad_checkpointing: bool = arg(True, "recompute blocks in backward: 1.5B in bf16 keeps 3 kB a token per block "
+                                         "instead of 104 kB (95 GB at 32k tokens without it); off for the toy")
     group_size: int = 8
     temperature: float = 0.6
     alpha: str | None = arg(None, "DeGRPO control-token weight (default 0.001, the toy: 1.0), or 'none' for vanilla GRPO")
@@ -91,12 +100,14 @@ class TrainConfig:
     max_batch: int = arg(64, "rows the sampler decodes together")
     dtype: str | None = arg(None, "bfloat16 or float32: FSDP2's compute, the sampler and reference copies, the saved "
                                   "weights (master weights stay float32); default bfloat16 on a GPU, float32 on a CPU")
+    compile: bool = arg(False, "rl: torch.compile the sampler's decode step, with CUDA graphs (for a GPU)")
+    dist_timeout_h: float = arg(3.0, "hours a rank waits in a collective: ranks sample on their own and meet after "
+                                     "the rollout, which can end ~25 min apart at 24k-token responses")
     save_every: int = 50
     keep_last: int = 3
     resume: bool = arg(False, "continue from the newest checkpoint in --out (none there: an error); every flag must "
-                       "be the saved run's except --correct-think, --steps (rl), --save-every, --keep-last and the "
-                       "operational --out, --max-batch, --micro-batch-tokens, --grad-checkpointing "
-                       "(checkpoint.RESUMABLE_CHANGES says why)")
+                       "be the saved run's except those in checkpoint.RESUMABLE_CHANGES (--correct-think, --steps for "
+                       "rl, --save-every, ... : each with the reason it is safe)")
     seed: int = 0
 
     def stage_default(self, name, sft_value, rl_value):
@@ -108,8 +119,9 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", " "))
+        if f.type is bool:  # --x and --no-x
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help", " "))
         else:
             kind = {int: int, float: float}.get(f.type) or {"int | None": int, "float | None": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help", " "))
@@ -153,10 +165,11 @@ def compute_dtype(cfg):
     return getattr(torch, cfg.dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
 
 
-def setup_distributed(group_of_one=False):
+def setup_distributed(group_of_one=False, timeout_h=3.0):
     """(rank, world_size, device); initialises the process group under torchrun. Without torchrun:
     a group of one on a GPU, so that one GPU runs the sharded path of N GPUs, and on a CPU when
-    group_of_one is asked (bf16 compute is FSDP2's mixed precision); else no group (CPU, fp32)."""
+    group_of_one is asked (bf16 compute is FSDP2's mixed precision); else no group (CPU, fp32).
+    timeout_h: how long a collective waits for the slowest rank before the job is aborted."""
     if "RANK" not in os.environ:
         if not (torch.cuda.is_available() or group_of_one):
             return 0, 1, torch.device("cpu")
@@ -165,13 +178,14 @@ def setup_distributed(group_of_one=False):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(hours=timeout_h)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, world, device
 
 
@@ -262,7 +276,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
     A mistake in the command (checkpoint.RunError) is found before any model is loaded."""
     dtype = compute_dtype(cfg)
-    rank, world, device = (setup_distributed(group_of_one=dtype != torch.float32) if not dist.is_initialized() else
+    rank, world, device = (setup_distributed(dtype != torch.float32, cfg.dist_timeout_h) if not dist.is_initialized() else
                            (dist.get_rank(), dist.get_world_size(), current_device()))
     if cfg.batch_size % world:
         raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
@@ -296,7 +310,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
             entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
             drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
-            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip)
+            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip,
+            compile=cfg.compile)
+        # One KV cache for the run, for the longest prompt and response: reused by every rollout, it is
+        # never freed for training to break up (expandable_segments, set above, fights the rest).
+        cache = new_cache(sampler_model, min(cfg.max_batch, cfg.batch_size // world * cfg.group_size),
+                          cfg.max_prompt_len, cfg.max_new_tokens)
 
         def reward_fn(tokens, answer):
             d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
@@ -328,7 +347,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world)
+                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world, cache=cache)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
         elapsed = time.time() - t_start
         if time.time() - t_print >= 2 or step + 1 == total_steps:  # every step, or every 2 s when steps are fast

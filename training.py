@@ -4,7 +4,8 @@ The machinery both training stages share (sft.py and degrpo.py import it; neithe
 - pad_batch: prompt + response id lists -> one right-padded batch whose targets are the response
   tokens only (IGNORE elsewhere): the hidden state at column j predicts token j + 1.
 - micro_batches: rows grouped under a token budget (rows x longest row), so that one forward and
-  backward never holds more activations than the budget allows, whatever the lengths.
+  backward never holds more activations than the budget allows, whatever the lengths; under
+  torch.distributed, padded with empty ones that batch_rows turns into a two-token stand-in.
 - token_logprobs: log p of the target tokens through kernels/ (fused: never the [tokens, vocab]
   logits, the first out-of-memory of every GRPO trainer at 151936 rows).
 - all_reduce_sum: the counts a loss is divided by, summed over ranks, so that N ranks compute the
@@ -47,7 +48,7 @@ def micro_batches(indices, lengths, token_budget, device="cpu"):
 
     Under torch.distributed the list is padded with empty micro-batches up to the longest list of
     any rank: FSDP all-gathers weights in every forward, so every rank must run as many. The
-    caller runs an empty one on a stand-in row with its loss multiplied by 0."""
+    caller runs an empty one on batch_rows' stand-in with its loss multiplied by 0."""
     batches, current = [], []
     for i in sorted(indices, key=lambda i: -lengths[i]):
         if current and lengths[current[0]] * (len(current) + 1) > token_budget:
@@ -60,6 +61,14 @@ def micro_batches(indices, lengths, token_budget, device="cpu"):
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         batches += [[] for _ in range(int(n.item()) - len(batches))]
     return batches
+
+
+def batch_rows(mb, prompts, responses):
+    """The prompts and responses of micro-batch mb (indices into them). An empty one (padding, see
+    micro_batches) gets a stand-in: one prompt token and one response token, the cheapest forward and
+    backward that still runs FSDP's collectives, while the other ranks wait (not this rank's first
+    row, which can be 25k tokens long). The caller multiplies its loss by 0."""
+    return ([prompts[i] for i in mb], [responses[i] for i in mb]) if mb else ([[0]], [[0]])
 
 
 # -----------------------------------------------------------------------------

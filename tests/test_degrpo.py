@@ -199,3 +199,64 @@ def test_rollout_metrics_count_malformed_samples():
                       details, torch.tensor([False, True, False, False]))
     m = rollout_metrics(rollout, group_size=2, device=torch.device("cpu"))
     assert (m["samples"], m["think"], m["short"], m["malformed"]) == (4, 2, 1, 2)
+
+
+def test_stand_in_micro_batches_cost_two_tokens_and_change_nothing(monkeypatch):
+    """A rank with fewer micro-batches than another runs padding ones (training.micro_batches under
+    torch.distributed) in step with it: each is a forward (and backward) of two tokens, not one of the
+    rank's real rows, and the updates' losses and gradients are those without them."""
+    import collections
+
+    import degrpo
+    import training
+    from degrpo import Rollout, RLConfig, rl_update
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 40, (5,), generator=g).tolist() for _ in range(8)]
+    responses = [torch.randint(0, 40, (int(n),), generator=g).tolist() for n in torch.randint(10, 30, (8,), generator=g)]
+    rewards = torch.tensor([1.0, -1.0, 0.5, -1.0, 1.0, 1.0, -1.0, 0.5])
+    rollout = Rollout(prompts, responses, [[0.0] * len(r) for r in responses], rewards, [{} for _ in responses],
+                      torch.zeros(8, dtype=torch.bool))
+    runs = []
+    for pad in (0, 1):
+        real = training.micro_batches
+        monkeypatch.setattr(degrpo, "micro_batches", lambda *a, **k: real(*a, **k) + [[]] * pad)
+        policy, ref, tokens, steps = tiny_model(0), tiny_model(1), [], []
+        for model in (policy, ref):
+            model.register_forward_pre_hook(lambda m, args: tokens.append(args[0].numel()))
+        cfg = RLConfig(group_size=4, temperature=0.8, beta=0.3, updates_per_rollout=2, micro_batch_tokens=70)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        opt.step = lambda: steps.append({n: p.grad.clone() for n, p in policy.named_parameters()})
+        metrics = rl_update(policy, ref, opt, rollout, group_advantages(rewards, 4), cfg)
+        runs.append((metrics, steps, collections.Counter(tokens)))
+    (m0, steps0, tokens0), (m1, steps1, tokens1) = runs
+    # one stand-in in the old/ref pass (two models) and one in each of the two updates: 4 x 2 tokens
+    assert tokens1 - tokens0 == collections.Counter({2: 4}) and not tokens0 - tokens1
+    assert min(tokens0) > 30  # the real rows are long: a stand-in built from one would cost as much
+    assert len(steps0) == len(steps1) == 2
+    for a, b in zip(steps0, steps1):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-12, rtol=0, msg=name)
+    assert m0 == pytest.approx(m1, rel=1e-12)
+
+
+def test_rollouts_are_graded_in_parallel(monkeypatch):
+    """Grading waits on grader processes (up to a deadline each): a rank's responses are graded
+    GRADERS at a time. The reward function below returns only once two calls run together."""
+    import threading
+
+    import degrpo
+    from degrpo import RLConfig
+
+    monkeypatch.setattr(degrpo, "GRADERS", 2)
+    together = threading.Barrier(2, timeout=20)
+
+    def reward_fn(tokens, answer):
+        together.wait()  # serial grading: BrokenBarrierError after 20 s
+        return float(tokens[0] % 2), {"mode": "short", "correct": answer}
+
+    cfg = RLConfig(group_size=2, max_new_tokens=4, temperature=1.0)
+    r = degrpo.sample_rollouts(tiny_model(0).float(), [[1, 2, 3], [4, 5]], ["a", "b"], reward_fn, cfg, seed=0,
+                               eos_id=0, vocab_size=40)
+    assert r.rewards.tolist() == [float(t[0] % 2) for t in r.responses]  # each reward with its own response
+    assert [d["correct"] for d in r.details] == ["a", "a", "b", "b"] and r.prompts == [[1, 2, 3]] * 2 + [[4, 5]] * 2

@@ -83,10 +83,10 @@ def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
     model = torch.nn.Module()
     model.config = type("Config", (), {"vocab_size": 320})()
     out = tmp_path / "out.jsonl"
-    m = ev.evaluate(model, tok, problems, samples=2, max_new_tokens=16, out_jsonl=out)
+    m = ev.evaluate(model, tok, problems, samples=2, max_new_tokens=16, out_jsonl=out, compile=True)
     assert [c["seed"] for c in calls] == [0, 1]
     assert all(c["temperature"] == 0.6 and c["top_p"] == 0.95 and c["stop_ids"] == (ids.eos,) and c["n"] == 1
-               and c["vocab_size"] == tok.get_vocab_size() for c in calls)
+               and c["vocab_size"] == tok.get_vocab_size() and c["compile"] for c in calls)
     expected = {"samples": 6, "pass@1": 3 / 6, "mean_tokens": 14 / 6, "think_ratio": 2 / 6, "think_acc": 1 / 2,
                 "short_acc": 2 / 3, "format_error_rate": 2 / 6, "truncated_rate": 1 / 6}
     levels = m.pop("levels")

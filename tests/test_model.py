@@ -107,6 +107,26 @@ def test_kv_cache_matches_full_forward(tmp_path):
             torch.testing.assert_close(out[:, 0], full[:, t], atol=1e-5, rtol=0)
 
 
+def test_prefill_from_position_0_is_causal_without_a_mask(tmp_path, monkeypatch):
+    """positions=None with a cache (a prefill from the start of each row, as the sampler's): the same
+    keys/values and logits as the masked path, through SDPA with is_causal and no mask (flash attention
+    refuses any mask; without it, a GQA prefill falls back to the math kernel's fp32 [rows, heads, T, T])."""
+    ours = Transformer.from_pretrained(save_hf_model(make_hf_model("qwen2"), tmp_path / "m"), dtype=torch.float32)
+    idx, rows = _batch(B=2, T=12), torch.tensor([2, 0])
+    caches = [KVCache(ours.config, rows=3, max_len=12, dtype=torch.float32, device="cpu") for _ in range(2)]
+    with torch.no_grad():
+        masked = ours(idx, positions=torch.arange(12).expand(2, 12), kv_cache=caches[0], cache_rows=rows)
+        calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append((k["attn_mask"], k["is_causal"])) or sdpa(*a, **k))
+        causal = ours(idx, kv_cache=caches[1], cache_rows=rows)
+    assert calls == [(None, True)] * ours.config.num_hidden_layers
+    torch.testing.assert_close(causal, masked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-6, rtol=0)
+    assert caches[1].k[:, 1].abs().sum() == 0 and caches[1].k[:, rows].abs().sum() > 0  # only the given rows
+
+
 def test_head_hook_gets_hidden_and_lm_head(tmp_path):
     ours = Transformer.from_pretrained(save_hf_model(make_hf_model("qwen2"), tmp_path / "m"), dtype=torch.float32)
     idx = _batch()

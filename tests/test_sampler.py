@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_hf_model, needs_cuda, save_hf_model
 
-from model import Transformer
-from sampler import generate, hash32, sample, sequence_key, uniform
+from model import KVCache, ModelConfig, Transformer
+from sampler import bucket, generate, hash32, new_cache, sample, sequence_key, uniform
 
 
 def random_prompts(lengths, vocab, seed=0):
@@ -216,6 +216,49 @@ def test_long_tail_packs_rows(models):
     assert got[3][0].tokens == solo.tokens
     ref = hf_logits(hf, prompts[3], solo.tokens).log_softmax(-1).gather(-1, torch.tensor(solo.tokens)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(got[3][0].logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+
+
+def test_a_given_cache_is_reused(models):
+    """One cache, larger than needed and holding another call's keys/values, serves call after call:
+    the same completions as a fresh cache each time. One too small (or of another dtype) is refused."""
+    _, ours = models
+    kw = dict(temperature=1.0, stop_ids=(3, 4, 5), n=3, seed=7, max_batch=4)
+    fresh = generate(ours, PROMPTS, 30, **kw)
+    cache = new_cache(ours, 6, 40, 30)
+    torch.nn.init.normal_(cache.k, std=100), torch.nn.init.normal_(cache.v, std=100)  # stale contents
+    for _ in range(2):
+        assert generate(ours, PROMPTS, 30, cache=cache, **kw) == fresh
+    wrong_dtype = KVCache(ours.config, 6, 69, torch.float64, "cpu")
+    for bad in (new_cache(ours, 6, 29, 30), new_cache(ours, 3, 40, 30), wrong_dtype):
+        with pytest.raises(ValueError, match=r"cache.k is \(2, \d, \d+, 2, \d+\) torch.float\d+ on cpu: expected"):
+            generate(ours, PROMPTS, 30, cache=bad, **kw)
+
+
+def test_compiled_decoding_equals_eager(monkeypatch):
+    """compile=True: the decode step traced by torch.compile (dynamic shapes, the cache written in place
+    inside the graph, rows and slots bucketed) samples the eager tokens. The backend is aot_eager (the
+    graph dynamo and AOTAutograd capture, run op by op): inductor's code generation takes minutes on
+    this CPU and is torch's to test, the capture is ours. One layer: tracing time grows with the layers.
+    A cache with spare rows keeps the rows decoded below its size (no recompile for a duck-sized shape)."""
+    import functools
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, dtype="float32")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked distributions: a wrong logit would change tokens
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    prompts = random_prompts([3, 9, 1], 64)
+    kw = dict(temperature=1.0, stop_ids=(3, 4, 5), n=2, seed=11, max_batch=5)
+    eager = generate(model, prompts, 12, **kw)
+    compiled = generate(model, prompts, 12, compile=True, cache=new_cache(model, 8, 30, 12), **kw)
+    assert [[c.tokens for c in g] for g in compiled] == [[c.tokens for c in g] for g in eager]
+    assert len({len(c.tokens) for g in eager for c in g}) > 2  # rows end at different steps: several shapes
+    for a, b in zip(sum(compiled, []), sum(eager, [])):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    assert [bucket(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
 
 
 def test_context_limit_ends_with_length(models):

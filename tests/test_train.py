@@ -117,6 +117,82 @@ def test_sft_gradient_independent_of_micro_batches(assets):
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
+def test_sft_stand_in_micro_batch_costs_two_tokens(assets, monkeypatch):
+    """A padding micro-batch (a rank with fewer than another, under torch.distributed) runs a forward
+    and backward of two tokens, not of a real row, and leaves the loss and gradient as they were."""
+    import chat
+
+    tok = toy.build_tokenizer()
+    pairs = sft.read_sft_jsonl(assets / "sft.jsonl")[:6]
+    prompts = [chat.encode_prompt(tok, q) for q, _ in pairs]
+    responses = [tok.encode(r, add_special_tokens=False).ids for _, r in pairs]
+    runs = []
+    for pad in (0, 2):
+        real = training.micro_batches
+        monkeypatch.setattr(sft, "micro_batches", lambda *a, **k: real(*a, **k) + [[]] * pad)
+        model, tokens, captured = Transformer.from_pretrained(assets / "base", dtype=torch.float64), [], {}
+        model.register_forward_pre_hook(lambda m, args: tokens.append(args[0].numel()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        m = sft.sft_step(model, opt, prompts, responses, 200, grad_clip=1e9)
+        runs.append((m["loss"], captured, tokens))
+    (loss0, grads0, tokens0), (loss1, grads1, tokens1) = runs
+    assert tokens1 == tokens0 + [2, 2] and min(tokens0) > 20
+    assert loss1 == pytest.approx(loss0, rel=1e-12)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-12, rtol=0, msg=name)
+
+
+def saved_bytes_per_token_per_block(cfg: ModelConfig, checkpointing, T=64):
+    """Bytes a training forward keeps for backward per token and per block (the tensors' storages,
+    weights excluded): the saving of a model of two blocks minus that of one."""
+    saved = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(cfg, num_hidden_layers=layers)).train()
+        model.gradient_checkpointing = checkpointing  # as train.py sets it from --grad-checkpointing
+        weights, storages = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(torch.randint(0, cfg.vocab_size, (1, T)), head=lambda h, w: h.sum())
+        saved.append(sum(storages.values()))
+    return (saved[1] - saved[0]) / T
+
+
+def test_default_flags_checkpoint_activations():
+    """The memory plan of BENCHMARKS.md holds at the default flags: a block keeps its input only
+    (hidden_size values a token: 3 kB in bf16 for the 1.5B model), not all its activations (~34x more:
+    104 kB a token, 95 GB for a 32k-token micro-batch of the 1.5B model). The toy keeps them all."""
+    assert train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
+    assert train.parse_args(["--model", "m", "--data", "d", "--no-grad-checkpointing"]).grad_checkpointing is False
+    assert toy.SFT_OVERRIDES["grad_checkpointing"] is False and toy.RL_OVERRIDES["grad_checkpointing"] is False
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=224, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, dtype="float32")
+    default = train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
+    assert saved_bytes_per_token_per_block(cfg, default) == cfg.hidden_size * 4  # the block input, fp32
+    assert saved_bytes_per_token_per_block(cfg, False) > 20 * cfg.hidden_size * 4
+
+
+def test_process_group_timeout_is_a_flag(monkeypatch):
+    """Ranks sample on their own and meet at the first collective after the rollout: the group's
+    timeout (default 3 h, not torch's 30 min) must cover one rank's longest rollout."""
+    got = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: got.update(timeout=timeout))
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    cfg = train.parse_args(["--model", "m", "--data", "d"])
+    train.setup_distributed(cfg.dist_timeout_h)
+    assert got["timeout"].total_seconds() == 3 * 3600
+    train.setup_distributed(train.parse_args(["--model", "m", "--data", "d", "--dist-timeout-h", "0.5"]).dist_timeout_h)
+    assert got["timeout"].total_seconds() == 1800
+
+
 def test_sft_lowers_loss(assets, tmp_path):
     args = sft_args(assets, tmp_path / "sft", steps=8)
     args[args.index("--lr") + 1] = 5e-3
