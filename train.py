@@ -214,9 +214,13 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     if dist.is_initialized():  # FSDP2: bf16 compute on GPU, fp32 master weights (CPU: fp32 throughout)
         shard(policy, device)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)
-    # betas: (0.9, 0.95) in the warm-up recipe; THINKLESS.md gives none for RL, where verl's default holds
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95) if cfg.stage == "sft" else (0.9, 0.999),
+    # betas (0.9, 0.95) in both stages: the warm-up recipe's, and the official RL actor's default
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
+    # The prompt format, and the template every checkpoint of this run carries: SFT trains our format;
+    # RL prompts as the starting checkpoint's template does (the released warm-up model: a newline
+    # after <｜Assistant｜>), so RL sees the prompts its warm-up and its evaluation use.
+    template = chat.CHAT_TEMPLATE if cfg.stage == "sft" else chat.chat_template(cfg.model)
 
     if cfg.stage == "sft":
         pairs = sft.read_sft_jsonl(cfg.data)
@@ -227,8 +231,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         items = kept
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
     else:
+        if prefill := chat.prefilled_mode(cfg.model):
+            raise ValueError(f"{cfg.model}: its chat template ends the generation prompt with {prefill!r}; RL needs the "
+                             f"model to choose the first token (<think> or <short>), so the template must not pre-fill "
+                             f"a mode (start RL from a warm-up checkpoint, or remove the control token from the template)")
         problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
-        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
+        items = [(chat.encode_prompt(tokenizer, q, template_dir=cfg.model), a) for q, a in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
         print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
@@ -288,7 +296,8 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             on_step(step + 1, sampler_model)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             state = {"step": step + 1, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last)
+            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last,
+                                        chat_template=template, start_dir=cfg.model)
             print0(f"saved {last_ckpt}")
     return last_ckpt or latest_checkpoint(cfg.out)
 
