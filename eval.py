@@ -108,7 +108,7 @@ def summarize(records: list[dict]) -> dict:
         "think_ratio": len(think) / len(records),
         "think_acc": mean(think, "correct"),
         "short_acc": mean(short, "correct"),
-        "format_error_rate": 1 - mean(records, "format_ok"),
+        "format_error_rate": sum(not r["format_ok"] for r in records) / len(records),
         "truncated_rate": sum(r["finish_reason"] == "length" for r in records) / len(records),
         "official_pass@1": mean(records, "official_correct"),
         "official_tokens": mean(records, "official_tokens"),
@@ -218,7 +218,8 @@ def format_table(results: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder: config.json, safetensors, tokenizer.json")
+    ap.add_argument("--model", required=True,
+                    help="checkpoint folder: config.json, safetensors, tokenizer.json; its chat template renders the prompts")
     ap.add_argument("--data", required=True, nargs="+", help="benchmark JSONL/JSON files (problem, answer)")
     ap.add_argument("--samples", type=int, default=5, help="completions per problem, seeds 0..samples-1")
     ap.add_argument("--max-new-tokens", type=int, default=32768)
