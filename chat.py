@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from tokenizers import AddedToken, Tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -123,8 +122,8 @@ def encode_prompt(tokenizer: Tokenizer, question: str, instruction: bool = False
 
 def apply_chat_template(tokenizer_dir, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The text transformers' AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(messages,
-    add_generation_prompt=..., tokenize=False) returns; without a `chat_template` in
-    tokenizer_dir/tokenizer_config.json, our format (CHAT_TEMPLATE)."""
+    add_generation_prompt=..., tokenize=False) returns; a folder without a template (chat_template.jinja
+    or tokenizer_config.json's `chat_template`) gets our format (CHAT_TEMPLATE)."""
     template, tokens, _ = _chat_template(tokenizer_dir)
     try:
         return template.render(messages=messages, tools=None, documents=None,

@@ -208,6 +208,10 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     torch.manual_seed(cfg.seed)
     tokenizer = chat.load_tokenizer(cfg.model)
     ids = chat.control_ids(tokenizer)
+    if cfg.stage == "rl" and (prefill := chat.prefilled_mode(cfg.model)):
+        raise ValueError(f"{cfg.model}: its chat template ends the generation prompt with {prefill!r}; RL needs the "
+                         f"model to choose the first token (<think> or <short>), so the template must not pre-fill "
+                         f"a mode (start RL from a warm-up checkpoint, or remove the control token from the template)")
     policy = Transformer.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     vocab_size = chat.tokenizer_vocab_size(tokenizer, policy.config.vocab_size)
@@ -231,10 +235,6 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         items = kept
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
     else:
-        if prefill := chat.prefilled_mode(cfg.model):
-            raise ValueError(f"{cfg.model}: its chat template ends the generation prompt with {prefill!r}; RL needs the "
-                             f"model to choose the first token (<think> or <short>), so the template must not pre-fill "
-                             f"a mode (start RL from a warm-up checkpoint, or remove the control token from the template)")
         problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
         items = [(chat.encode_prompt(tokenizer, q, template_dir=cfg.model), a) for q, a in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
