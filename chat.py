@@ -13,15 +13,27 @@ refuses to go on unless each of the three encodes to exactly one id. All three a
 so that they survive decode(skip_special_tokens=True); decode_response keeps them in any case.
 
 The tokenizer is a plain `tokenizers.Tokenizer` (what transformers' fast tokenizers wrap);
-save_tokenizer writes tokenizer.json plus a tokenizer_config.json carrying this chat template, so a
-checkpoint folder loads in transformers / vLLM with the same prompt format.
+save_tokenizer writes tokenizer.json plus a tokenizer_config.json carrying a chat template (ours by
+default), so a checkpoint folder loads in transformers / vLLM with the prompt format it was trained on.
+
+Checkpoints trained elsewhere carry their own template (tokenizer_config.json `chat_template`):
+the base R1-Distill model pre-fills `<think>\n`, the released Thinkless checkpoints end the generation
+prompt with `<｜Assistant｜>\n`. apply_chat_template renders a folder's template the way transformers
+and lm_eval do (jinja2's immutable sandbox, trim_blocks / lstrip_blocks, raise_exception, tojson,
+strftime_now, the special tokens as variables), so a model is prompted as it was trained and
+evaluated; a folder without a template gets our format (CHAT_TEMPLATE). Which stage uses which: SFT
+our format (render_prompt), RL the starting checkpoint's template, eval the evaluated checkpoint's.
 """
 
+import datetime
+import functools
 import json
 import os
 import warnings
 from dataclasses import dataclass
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -111,9 +123,106 @@ def render_prompt(question: str, instruction: bool = False) -> str:
     return f"{BOS}{USER}{question}{ASSISTANT}"
 
 
-def encode_prompt(tokenizer: Tokenizer, question: str, instruction: bool = False) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, question: str, instruction: bool = False, template_dir=None) -> list[int]:
+    """The prompt's ids: our format (render_prompt), or with template_dir the question as one user
+    message rendered by that folder's chat template with the generation prompt."""
+    if instruction:
+        question = INSTRUCTION + question
+    text = render_prompt(question) if template_dir is None else apply_chat_template(
+        template_dir, [{"role": "user", "content": question}])
     # add_special_tokens=False: the rendered text has its BOS already, the post-processor would add another
-    return tokenizer.encode(render_prompt(question, instruction), add_special_tokens=False).ids
+    # (transformers' apply_chat_template(tokenize=True) encodes the same way)
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint's own chat template, rendered as transformers renders it
+
+
+def apply_chat_template(tokenizer_dir, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The text transformers' AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(messages,
+    add_generation_prompt=..., tokenize=False) returns; a folder without a template (chat_template.jinja
+    or tokenizer_config.json's `chat_template`) gets our format (CHAT_TEMPLATE)."""
+    template, tokens, _ = _chat_template(tokenizer_dir)
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{tokenizer_dir}: its chat template failed: {e}") from None
+
+
+def chat_template(tokenizer_dir) -> str:
+    """The folder's chat template source (ours when it has none): what a checkpoint trained on its
+    prompts must carry on."""
+    return _chat_template(tokenizer_dir)[2]
+
+
+def prefilled_mode(tokenizer_dir) -> str | None:
+    """The text from the control token on (e.g. "<think>\\n") when the folder's template writes
+    <think> or <short> at the end of the generation prompt (the base R1-Distill model), else None:
+    then the mode is the template's choice, not the model's."""
+    prompt = apply_chat_template(tokenizer_dir, [{"role": "user", "content": "1+1?"}])
+    tail = prompt.rstrip()
+    for token in (THINK, SHORT):
+        if tail.endswith(token):
+            return prompt[len(tail) - len(token):]
+    return None
+
+
+def _special_token(value):
+    # tokenizer_config.json writes a special token as a string or as an AddedToken dict
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(tokenizer_dir):
+    paths = [os.path.join(tokenizer_dir, name) for name in ("tokenizer_config.json", "chat_template.jinja")]
+    stamps = tuple(os.stat(p).st_mtime_ns if os.path.isfile(p) else None for p in paths)
+    return _compile_chat_template(*paths, stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(config_path, jinja_path, stamps):
+    """(compiled template, special-token variables, source) of a tokenizer folder; cached per file version.
+    The template is chat_template.jinja when present (what transformers 5 writes), else
+    tokenizer_config.json's `chat_template`, else ours."""
+    config = {}
+    if stamps[0] is not None:
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if stamps[1] is not None:
+        with open(jinja_path, encoding="utf-8") as f:
+            config["chat_template"] = f.read()
+    source = config.get("chat_template") or CHAT_TEMPLATE
+    if isinstance(source, list):  # the multi-template form: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        if "default" not in named:
+            raise ValueError(f"{config_path}: chat_template is a list without a 'default' entry")
+        source = named["default"]
+    if not isinstance(source, str):
+        raise ValueError(f"{config_path}: chat_template must be a string, got {type(source).__name__}")
+    tokens = {name: _special_token(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    if config.get("chat_template") is None:  # our template, with our tokens
+        tokens.update(bos_token=BOS, eos_token=EOS)
+    tokens = {k: v for k, v in tokens.items() if v is not None}  # an unset token is undefined, as in transformers
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # The environment of transformers (utils/chat_template_utils.py): templates are untrusted code
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson  # jinja's own escapes HTML characters
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source), tokens, source
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{config_path}: chat_template line {e.lineno}: {e.message}") from None
 
 
 def decode_response(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -133,8 +242,10 @@ def tokenizer_vocab_size(tokenizer: Tokenizer, model_vocab_size: int | None = No
     return size
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:
-    """tokenizer.json + tokenizer_config.json (special tokens, chat template) into out_dir."""
+def save_tokenizer(tokenizer: Tokenizer, out_dir, chat_template: str = CHAT_TEMPLATE) -> None:
+    """tokenizer.json + tokenizer_config.json (special tokens, chat template) into out_dir. The
+    template must render the prompts the checkpoint was trained on: ours after SFT, the starting
+    checkpoint's after RL."""
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -145,7 +256,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:
         "pad_token": EOS if EOS in vocab else None,
         "add_bos_token": False,  # the chat template writes the BOS
         "model_max_length": 131072,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, ensure_ascii=False, indent=2)

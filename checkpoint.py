@@ -39,8 +39,12 @@ def full_tensors(model):
         yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
 
-def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last, dtype=torch.float32):
-    """out/step_NNNNNN/: HF weights in `dtype` + tokenizer + trainer/ (DCP, fp32) + trainer_state.json, atomically."""
+def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last, dtype=torch.float32,
+                    chat_template=chat.CHAT_TEMPLATE, start_dir=None):
+    """out/step_NNNNNN/: HF weights in `dtype` + tokenizer (with chat_template) + trainer/ (DCP, fp32) +
+    trainer_state.json, atomically. start_dir: the run's starting checkpoint, whose
+    generation_config.json (R1's sampling defaults: temperature 0.6, top_p 0.95) is carried into
+    every checkpoint."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     final = os.path.join(out, f"step_{step:06d}")
     tmp = os.path.join(out, f".step_{step:06d}.tmp")
@@ -50,7 +54,9 @@ def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last, d
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         Transformer.save_pretrained(policy, tmp, state_dict=weights)  # policy only gives the config
-        chat.save_tokenizer(tokenizer, tmp)
+        chat.save_tokenizer(tokenizer, tmp, chat_template)
+        if start_dir and os.path.isfile(gen := os.path.join(start_dir, "generation_config.json")):
+            shutil.copyfile(gen, os.path.join(tmp, "generation_config.json"))
     del weights
     barrier()
     with process_group():

@@ -86,9 +86,11 @@ def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0,
+    clamped to [-10, 10] as the official `low_var_kl`: one token the policy has made far likelier
+    than the reference (exp of a large log-ratio) would otherwise dominate the step."""
     log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
 
 
 # -----------------------------------------------------------------------------

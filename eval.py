@@ -4,20 +4,22 @@
 
 For every problem, `samples` completions are drawn with our sampler, one pass over the whole
 benchmark per seed 0..samples-1 (as the paper's five runs), at temperature 0.6 and top-p 0.95, from
-the prompt `instruction + question` in the R1-Distill template without `<think>` (chat.py), so the
-model chooses its mode. Each response is decoded with its control tokens kept and scored by
-rewards.py. Per benchmark:
+the prompt `instruction + question` rendered by the checkpoint's own chat template (chat.py; the
+base R1-Distill model's pre-fills `<think>\n`, which then counts as the start of the response).
+Each response is decoded with its control tokens kept and scored twice:
 
-    Pass@1       mean accuracy over all samples (= mean over problems of the per-problem accuracy)
-    tokens       mean generated tokens per sample (control token included, end-of-sentence excluded)
-    think ratio  share of samples that start with <think>
-    acc think / acc short   accuracy among the samples of each mode
-    format err   share of samples with a format error (no control token, unclosed chain, no \\boxed{})
-    truncated    share of samples that hit max_new_tokens
+    official  the official scripts' scoring (official_score.py): last \boxed{} anywhere, else answer
+              tags, else the last number; no format check; tokens = the templated conversation,
+              prompt included; think = `<think>` anywhere. The paper's table is this column.
+    strict    what the RL reward sees (rewards.py): control token first, chain closed, \boxed{} in
+              the answer part; tokens = generated tokens (end-of-sentence excluded); think = the
+              first token is <think>.
 
-and the same per `level` when the problems carry one. Every generation with its reward details goes
-to a JSONL file, written as each seed finishes, so a long run that stops keeps what it did. Grading
-runs in a few threads (rewards.py bounds each call with worker processes), after each seed.
+Per benchmark: Pass@1 (mean accuracy over all samples), mean tokens, think ratio for each, and for
+the strict reading the accuracy per mode, the share of format errors and of truncated samples; the
+same per `level` when the problems carry one. Every generation with both scores goes to a JSONL
+file, written as each seed finishes, so a long run that stops keeps what it did. Grading runs in a
+few threads (rewards.py bounds each call with worker processes), after each seed.
 
 One sampler call per seed covers the whole benchmark, so the continuous batch stays full: it drains
 to a few long rows once, at the end, not once per chunk. So progress is reported once per seed.
@@ -33,10 +35,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from chat import control_ids, decode_response, encode_prompt, load_tokenizer, resolve_model, tokenizer_vocab_size
+import official_score
+from chat import (control_ids, decode_response, encode_prompt, load_tokenizer, prefilled_mode, resolve_model,
+                  tokenizer_vocab_size)
 from model import Transformer
 from rewards import reward_details, score
 from sampler import generate
+
+
+def score_official(response: str, ground_truth) -> bool:
+    """The official scripts' verdict: last \\boxed{} anywhere (then answer tags, then the last number),
+    normalised or symbolically equal to the ground truth; no format check (official_score.py)."""
+    return official_score.is_correct(response, ground_truth)[1]
+
+
+def score_strict(response: str, ground_truth) -> bool:
+    """The RL reward's verdict (rewards.py): control token first, chain closed, \\boxed{} in the answer."""
+    return reward_details(response, ground_truth).correct
 
 
 def load_problems(path, skip_unanswered=False) -> list[dict]:
@@ -81,36 +96,42 @@ def load_problems(path, skip_unanswered=False) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    def acc(rs):
-        return sum(r["correct"] for r in rs) / len(rs) if rs else None
+    """Strict metrics under the plain names (what RL optimises), the official ones prefixed `official_`."""
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs) if rs else None
 
-    n = len(records)
     think = [r for r in records if r["mode"] == "think"]
     short = [r for r in records if r["mode"] == "short"]
     return {
-        "samples": n,
-        "pass@1": acc(records),
-        "mean_tokens": sum(r["tokens"] for r in records) / n,
-        "think_ratio": len(think) / n,
-        "think_acc": acc(think),
-        "short_acc": acc(short),
-        "format_error_rate": sum(not r["format_ok"] for r in records) / n,
-        "truncated_rate": sum(r["finish_reason"] == "length" for r in records) / n,
+        "samples": len(records),
+        "pass@1": mean(records, "correct"),
+        "mean_tokens": mean(records, "tokens"),
+        "think_ratio": len(think) / len(records),
+        "think_acc": mean(think, "correct"),
+        "short_acc": mean(short, "correct"),
+        "format_error_rate": sum(not r["format_ok"] for r in records) / len(records),
+        "truncated_rate": sum(r["finish_reason"] == "length" for r in records) / len(records),
+        "official_pass@1": mean(records, "official_correct"),
+        "official_tokens": mean(records, "official_tokens"),
+        "official_think_ratio": mean(records, "official_think"),
     }
 
 
 def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temperature=0.6, top_p=0.95,
              max_batch=64, is_equivalent=None, instruction=True, out_jsonl=None, force_mode=None,
-             progress=True, compile=False) -> dict:
+             progress=True, template_dir=None, compile=False) -> dict:
     """Samples and grades `samples` completions per problem; returns summarize() of them all, with a
     "levels" dict of per-level summaries when the problems have a `level` field.
+    template_dir: prompts rendered by that folder's chat template (the checkpoint's); None: our format.
     force_mode "think" or "short" writes that control token as the first response token (the
     always-think / always-short baselines) instead of letting the model choose; it counts as one of the
-    max_new_tokens, as the chosen one would. compile: the sampler's compiled decode step (CUDA graphs on a GPU)."""
+    max_new_tokens, as the chosen one would. A template that pre-fills a mode does the same.
+    compile: the sampler's compiled decode step (CUDA graphs on a GPU)."""
+    prefill = prefilled_mode(template_dir) if template_dir is not None else None
+    if prefill and force_mode:
+        raise ValueError(f"force_mode={force_mode!r}: the chat template of {template_dir} pre-fills {prefill!r} already")
     if force_mode not in (None, "think", "short"):
         raise ValueError(f"force_mode={force_mode!r}: expected None, 'think' or 'short'")
-    if force_mode and max_new_tokens < 2:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: a forced mode needs >= 2 (the control token and one more)")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r}: expected an int >= 1")
     if not problems:
@@ -121,7 +142,16 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
     ids = control_ids(tokenizer)
     vocab_size = tokenizer_vocab_size(tokenizer, model.config.vocab_size)
     forced = [getattr(ids, force_mode)] if force_mode else []
-    prompts = [encode_prompt(tokenizer, p["problem"], instruction) + forced for p in problems]
+    prompts = [encode_prompt(tokenizer, p["problem"], instruction, template_dir) for p in problems]
+    if prefill:  # the template's control token (and what follows it) becomes the response's start
+        forced = tokenizer.encode(prefill, add_special_tokens=False).ids
+        if any(p[-len(forced):] != forced for p in prompts):
+            raise ValueError(f"{template_dir}: the prompts do not end with the ids of {prefill!r}")
+        prompts = [p[:-len(forced)] for p in prompts]
+    if forced and max_new_tokens <= len(forced):
+        raise ValueError(f"max_new_tokens={max_new_tokens}: a forced mode needs >= {len(forced) + 1} "
+                         f"(the pre-filled tokens {forced} and one more)")
+    prompts = [p + forced for p in prompts]
     records, start = [], time.time()
     with (open(out_jsonl, "w", encoding="utf-8") if out_jsonl else contextlib.nullcontext()) as out, \
             ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as graders:
@@ -135,12 +165,19 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
             responses = [decode_response(tokenizer, c[0].tokens) for c in completions]
             details = list(graders.map(lambda rp: reward_details(rp[0], rp[1]["answer"], is_equivalent),
                                        zip(responses, problems)))
-            for i, (p, c, text, d) in enumerate(zip(problems, completions, responses, details)):
+            official = list(graders.map(lambda rp: official_score.is_correct(rp[0], rp[1]["answer"], is_equivalent),
+                                        zip(responses, problems)))
+            for i, (p, c, text, d, (o_answer, o_correct)) in enumerate(zip(problems, completions, responses, details,
+                                                                            official)):
                 c = c[0]
                 rec = {"index": i, "seed": seed, "level": p.get("level"), "answer": p["answer"],
                        "mode": d.mode, "format_ok": d.format_ok, "extracted": d.answer, "correct": d.correct,
                        "reward": score(d), "error": d.error,
                        "tokens": len(c.tokens) - (c.finish_reason == "stop"),  # the stop token is not counted
+                       # the templated conversation: prompt + response, its closing end-of-sentence included
+                       "official_tokens": len(prompts[i]) - len(forced) + len(c.tokens),
+                       "official_extracted": o_answer, "official_correct": o_correct,
+                       "official_think": official_score.thinks(text),
                        "finish_reason": c.finish_reason, "response": text}
                 records.append(rec)
                 if out:
@@ -152,7 +189,8 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
             if progress:
                 print(f"  seed {seed + 1}/{samples}: {len(problems)} problems, {new_tokens} tokens in "
                       f"{time.time() - t0:.0f} s ({new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s); "
-                      f"pass@1 so far {so_far['pass@1']:.4f}, think {so_far['think_ratio']:.0%}, "
+                      f"pass@1 so far {so_far['official_pass@1']:.4f} official, {so_far['pass@1']:.4f} strict, "
+                      f"think {so_far['think_ratio']:.0%}, "
                       f"elapsed {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     metrics = summarize(records)
     levels = sorted({r["level"] for r in records if r["level"] is not None}, key=str)
@@ -166,14 +204,16 @@ def format_table(results: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    head = f"{'benchmark':<24} {'samples':>7} {'pass@1':>7} {'tokens':>8} {'think%':>6} " \
-           f"{'acc think':>9} {'acc short':>9} {'fmt err':>7} {'trunc':>6}"
-    lines = [head, "-" * len(head)]
+    three = f"{'pass@1':>7} {'tokens':>8} {'think%':>6}"
+    head = f"{'benchmark':<24} {'samples':>7} | {three} | {three} {'acc think':>9} {'acc short':>9} {'fmt err':>7} {'trunc':>6}"
+    groups = f"{'':<32} | {'official (the paper)':<23} | strict (the RL reward)"
+    lines = [groups, head, "-" * len(head)]
     for name, m in results.items():
         rows = [(name, m)] + [(f"  {lv}" if lv.lower().startswith("level") else f"  level {lv}", lm)
                               for lv, lm in m.get("levels", {}).items()]
         for label, r in rows:
-            lines.append(f"{label:<24} {r['samples']:>7} {r['pass@1']:>7.4f} {r['mean_tokens']:>8.1f} "
+            lines.append(f"{label:<24} {r['samples']:>7} | {r['official_pass@1']:>7.4f} {r['official_tokens']:>8.1f} "
+                         f"{pct(r['official_think_ratio']):>6} | {r['pass@1']:>7.4f} {r['mean_tokens']:>8.1f} "
                          f"{pct(r['think_ratio']):>6} {pct(r['think_acc']):>9} {pct(r['short_acc']):>9} "
                          f"{pct(r['format_error_rate']):>7} {pct(r['truncated_rate']):>6}")
     return "\n".join(lines)
@@ -182,7 +222,7 @@ def format_table(results: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json) or a "
-                    "Hugging Face Hub id, downloaded when no such folder exists")
+                    "Hugging Face Hub id, downloaded when no such folder exists; its chat template renders the prompts")
     ap.add_argument("--data", required=True, nargs="+", help="benchmark JSONL/JSON files (problem, answer)")
     ap.add_argument("--samples", type=int, default=5,
                     help="completions per problem, seeds 0..samples-1 (default %(default)s, the paper's)")
@@ -222,7 +262,7 @@ def main(argv=None):
             results[name] = evaluate(model, tokenizer, problems, samples=args.samples,
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, max_batch=args.max_batch,
-                                     instruction=not args.no_instruction,
+                                     instruction=not args.no_instruction, template_dir=model_dir,
                                      out_jsonl=os.path.join(args.out_dir, f"{name}.jsonl"), compile=args.compile)
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -240,9 +240,10 @@ def batch_indices(n_items, batch_size, step, seed, rank, world):
 # Training
 
 
-def load_items(cfg: TrainConfig, tokenizer, eos_id):
+def load_items(cfg: TrainConfig, tokenizer, eos_id, model_dir):
     """The training items of cfg.data, tokenized: sft (prompt ids, response ids + eos) pairs within
-    --max-len, rl (prompt ids, answer) problems within --max-prompt-len."""
+    --max-len, rl (prompt ids, answer) problems within --max-prompt-len, the prompts rendered by
+    model_dir's chat template."""
     if cfg.stage == "sft":
         pairs = sft.read_sft_jsonl(cfg.data)
         examples = [(chat.encode_prompt(tokenizer, q), tokenizer.encode(r, add_special_tokens=False).ids + [eos_id])
@@ -251,7 +252,7 @@ def load_items(cfg: TrainConfig, tokenizer, eos_id):
         print0(f"sft: {len(items)} pairs ({len(examples) - len(items)} dropped over {cfg.max_len} tokens)")
     else:
         problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
-        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
+        items = [(chat.encode_prompt(tokenizer, q, template_dir=model_dir), a) for q, a in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
         print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
     if not items:
@@ -286,8 +287,12 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         model_dir = chat.resolve_model(cfg.model)
         tokenizer = chat.load_tokenizer(model_dir)
         ids = chat.control_ids(tokenizer)
+        if cfg.stage == "rl" and (prefill := chat.prefilled_mode(model_dir)):
+            raise ValueError(f"{cfg.model}: its chat template ends the generation prompt with {prefill!r}; RL needs the "
+                             f"model to choose the first token (<think> or <short>), so the template must not pre-fill "
+                             f"a mode (start RL from a warm-up checkpoint, or remove the control token from the template)")
         vocab_size = chat.tokenizer_vocab_size(tokenizer, load_config(model_dir).vocab_size)
-        items = load_items(cfg, tokenizer, ids.eos)
+        items = load_items(cfg, tokenizer, ids.eos, model_dir)
     except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
         raise RunError(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)) from None
     total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
@@ -297,9 +302,13 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     if dist.is_initialized():  # FSDP2: compute in dtype, fp32 master weights (no group: fp32 throughout)
         shard(policy, dtype)
     lr = cfg.stage_default("lr", 1e-5, 1e-6)
-    # betas: (0.9, 0.95) in the warm-up recipe; THINKLESS.md gives none for RL, where verl's default holds
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95) if cfg.stage == "sft" else (0.9, 0.999),
+    # betas (0.9, 0.95) in both stages: the warm-up recipe's, and the official RL actor's default
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
+    # The prompt format, and the template every checkpoint of this run carries: SFT trains our format;
+    # RL prompts as the starting checkpoint's template does (the released warm-up model: a newline
+    # after <｜Assistant｜>), so RL sees the prompts its warm-up and its evaluation use.
+    template = chat.CHAT_TEMPLATE if cfg.stage == "sft" else chat.chat_template(model_dir)
 
     if cfg.stage == "rl":
         sampler_model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
@@ -362,7 +371,8 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             on_step(step + 1, sampler_model)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             state = {"step": step + 1, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last, dtype)
+            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last, dtype,
+                                        chat_template=template, start_dir=model_dir)
             print0(f"saved {last_ckpt}")
     return last_ckpt or latest_checkpoint(cfg.out)
 

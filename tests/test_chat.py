@@ -8,8 +8,9 @@ import pytest
 from conftest import BASE_MODEL_DIR
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from chat import (ASSISTANT, BOS, EOS, INSTRUCTION, SHORT, THINK, USER, control_ids, decode_response, encode_prompt,
-                  load_tokenizer, render_prompt, save_tokenizer)
+from chat import (ASSISTANT, BOS, CHAT_TEMPLATE, EOS, INSTRUCTION, SHORT, THINK, USER, apply_chat_template, chat_template,
+                  control_ids, decode_response, encode_prompt, load_tokenizer, prefilled_mode, render_prompt,
+                  save_tokenizer)
 
 REAL = os.path.isfile(os.path.join(BASE_MODEL_DIR, "tokenizer.json"))
 needs_real = pytest.mark.skipif(not REAL, reason=f"no tokenizer.json in {BASE_MODEL_DIR}")
@@ -119,3 +120,103 @@ def test_missing_files_and_tokens(tmp_path):
     with pytest.raises(ValueError, match="eos"):
         load_tokenizer(path)
     assert control_ids(tok).eos == tok.token_to_id(EOS)
+
+
+# -----------------------------------------------------------------------------
+# apply_chat_template against transformers' apply_chat_template(tokenize=False)
+
+R1_PREFILL = "{{'<｜Assistant｜><think>\\n'}}"  # the generation prompt of R1's template, as written in its JSON
+
+
+def template_folder(path, template, bos=BOS, eos=EOS):
+    """The real R1-Distill tokenizer.json with a tokenizer_config.json carrying `template`."""
+    with open(os.path.join(BASE_MODEL_DIR, "tokenizer_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(chat_template=template, bos_token=bos, eos_token=eos)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False)
+    with open(os.path.join(BASE_MODEL_DIR, "tokenizer.json"), "rb") as src, open(path / "tokenizer.json", "wb") as dst:
+        dst.write(src.read())
+    return path
+
+
+def r1_template():
+    with open(os.path.join(BASE_MODEL_DIR, "tokenizer_config.json"), encoding="utf-8") as f:
+        template = json.load(f)["chat_template"]
+    assert template.endswith(R1_PREFILL + "{% endif %}")  # the real template is what this file expects
+    return template
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": INSTRUCTION + "What is $1+2$?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Q1"},
+     {"role": "assistant", "content": "<think>\nhm\n</think>\n\nA1"}, {"role": "user", "content": "Q2"}],
+]
+
+
+def assert_same_as_transformers(folder, conversations=CONVERSATIONS):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for messages in conversations:
+        for gen in (True, False):
+            expected = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+            assert apply_chat_template(folder, messages, add_generation_prompt=gen) == expected, (messages, gen)
+
+
+@needs_real
+def test_r1_distill_template_equals_transformers():
+    assert_same_as_transformers(BASE_MODEL_DIR)
+    prompt = apply_chat_template(BASE_MODEL_DIR, [{"role": "user", "content": "Q"}])
+    assert prompt == f"{BOS}{USER}Q{ASSISTANT}<think>\n" and prefilled_mode(BASE_MODEL_DIR) == "<think>\n"
+
+
+@needs_real
+def test_official_sft_template_equals_transformers(tmp_path):
+    """The official SFT repository's template: R1's, with the generation prompt `<｜Assistant｜>\\n`
+    (no <think>, a newline kept), while a training conversation has no newline after <｜Assistant｜>."""
+    folder = template_folder(tmp_path, r1_template().replace(R1_PREFILL, "{{'<｜Assistant｜>\\n'}}"))
+    assert_same_as_transformers(folder)
+    assert apply_chat_template(folder, [{"role": "user", "content": "Q"}]) == f"{BOS}{USER}Q{ASSISTANT}\n"
+    assert prefilled_mode(folder) is None
+    tok = load_tokenizer(folder)
+    assert encode_prompt(tok, "Q", template_dir=folder)[-2:] == [151645, 198]  # <｜Assistant｜> "\n"
+
+
+@needs_real
+def test_template_with_system_message_and_jinja_helpers(tmp_path):
+    """A Qwen-style template: system message, loop controls, raise_exception, tojson (no HTML escaping),
+    and special tokens written as AddedToken dicts in tokenizer_config.json."""
+    template = (
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nDefault <&>.<|im_end|>\n{% endif %}\n"
+        "  <|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% if m['role'] == 'assistant' %}{% continue %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {{ {'eos': eos_token} | tojson }}\n{% endif %}")
+    dict_token = {"__type": "AddedToken", "content": EOS, "lstrip": False, "normalized": True, "rstrip": False,
+                  "single_word": False, "special": True}
+    folder = template_folder(tmp_path, template, eos=dict_token)
+    assert_same_as_transformers(folder)
+    assert EOS in apply_chat_template(folder, CONVERSATIONS[0]) and "<&>" in apply_chat_template(folder, CONVERSATIONS[0])
+    with pytest.raises(ValueError, match="unknown role tool"):
+        apply_chat_template(folder, [{"role": "tool", "content": "x"}])
+
+
+def test_folder_without_template_gets_our_format(tmp_path):
+    tok = load_tokenizer(make_word_tokenizer(tmp_path / "bare"))  # tokenizer.json only
+    assert apply_chat_template(tmp_path / "bare", [{"role": "user", "content": "Q"}]) == render_prompt("Q")
+    assert encode_prompt(tok, "what is 1 + 2 ?", True, template_dir=tmp_path / "bare") == encode_prompt(
+        tok, "what is 1 + 2 ?", True)
+    # what a checkpoint of ours carries renders exactly the prompt its training used
+    save_tokenizer(tok, tmp_path / "ours")
+    for q in ("what is 1 + 2 ?", "Q\nwith {braces} and {% raw %}"):
+        assert apply_chat_template(tmp_path / "ours", [{"role": "user", "content": q}]) == render_prompt(q)
+    assert chat_template(tmp_path / "ours") == CHAT_TEMPLATE and prefilled_mode(tmp_path / "ours") is None
+    # a template that pre-fills <short> is seen as such too; a broken one is named
+    save_tokenizer(tok, tmp_path / "short", chat_template=CHAT_TEMPLATE.replace("<｜Assistant｜>{% endif %}",
+                                                                                 "<｜Assistant｜><short>{% endif %}"))
+    assert prefilled_mode(tmp_path / "short") == SHORT
+    save_tokenizer(tok, tmp_path / "broken", chat_template="{% if %}")
+    with pytest.raises(ValueError, match="broken.*chat_template line 1"):
+        apply_chat_template(tmp_path / "broken", [])

@@ -106,6 +106,20 @@ def test_kl_k3_nonnegative_and_zero_at_equality():
     torch.testing.assert_close(expected_k3, exact)
 
 
+def test_kl_k3_clamped_like_low_var_kl():
+    """The official low_var_kl clamps the per-token value to [-10, 10]: a token whose reference
+    log-prob is 5 nats above the policy's gives exp(5) - 5 - 1 = 142.4 unclamped, 10 clamped, and no
+    gradient; values inside the range keep the plain formula and its gradient."""
+    logp = torch.tensor([-6.0, -1.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.2, -0.5])
+    kl = kl_k3(logp, ref)
+    plain = torch.exp(ref - logp) - (ref - logp) - 1
+    assert plain[0].item() == pytest.approx(math.exp(5) - 6) and kl[0].item() == 10.0
+    torch.testing.assert_close(kl[1:], plain[1:])
+    kl.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1].item() == pytest.approx(1 - math.exp(-0.2))
+
+
 def test_shape_errors():
     logp, old, adv, mask = random_case(4, 5, 0)
     with pytest.raises(ValueError, match="advantages"):

@@ -9,7 +9,8 @@ from conftest import make_hf_model, save_hf_model
 from test_chat import make_word_tokenizer
 
 import eval as ev
-from chat import EOS, THINK, control_ids, encode_prompt, load_tokenizer, save_tokenizer
+import official_score
+from chat import CHAT_TEMPLATE, EOS, THINK, control_ids, encode_prompt, load_tokenizer, save_tokenizer
 from rewards import thinkless_reward
 from sampler import Completion
 
@@ -57,6 +58,50 @@ def test_load_problems_skips_unanswered_for_training(tmp_path, capsys):
     assert "skipped 2 problems without an answer: " in capsys.readouterr().out
 
 
+# (response as the model wrote it, ground truth, official verdict, strict verdict), worked out by hand
+# from the official extraction (THINKLESS.md section 5) and the RL reward's format rules (section 4)
+SCORING_CASES = [
+    # a box inside the thinking counts for the official scripts; the answer part has none: format error
+    ("<think>\nSo x = \\boxed{5}, I think.\n</think>\n\nThe answer is 6.", "5", True, False),
+    # the last box wins in both, wherever it is
+    ("<think>\n\\boxed{5}\n</think>\n\n\\boxed{6}", "5", False, False),
+    ("<short>\\boxed{3} no, \\boxed{4}", "3", False, False),
+    # nested braces, and the MATH normaliser: 0.5 -> \frac{1}{2}
+    ("<short>\n\\boxed{\\frac{1}{2}}", "0.5", True, True),
+    ("<short>\n\\boxed{\\dfrac{3}{4}}.", "3/4", True, True),
+    # no box: the last number (thousands separators dropped), which strict never reads
+    ("<short>\nThe total is 1,234.", "1234", True, False),
+    ("<short>\nIt is 12, not 13", "12", False, False),
+    # answer tags come before the last number
+    ("<short><answer>7</answer> and then 8", "7", True, False),
+    # truncated chains: a closed box in the thinking counts; an unclosed one does not, the last number does
+    ("<think>\nLet me compute \\boxed{12}... wait, maybe", "12", True, False),
+    ("<think>\nThe sum is 3+4, so \\boxed{", "7", False, False),
+    # a short answer, a list of ground truths, a missing control token
+    ("<short>\n\\boxed{42}", "42", True, True),
+    ("<think>\nhm\n</think>\n\n\\boxed{three}", ["3", "three"], True, True),
+    ("\\boxed{42}", "42", True, False),
+]
+
+
+@pytest.mark.parametrize("response, truth, official, strict", SCORING_CASES)
+def test_official_and_strict_scores(response, truth, official, strict):
+    assert ev.score_official(response, truth) is official
+    assert ev.score_strict(response, truth) is strict
+
+
+def test_official_extraction_and_normaliser():
+    extract = official_score.extract_answer
+    assert extract("<think>\\boxed{\\frac{a}{b+\\{1\\}}}</think> 3") == "\\frac{a}{b+\\{1\\}}"
+    assert extract("x <answer> y=2 </answer> 5") == "y=2" and extract("no digits") is None
+    assert extract("-3.5 then 2,000,000") == "2000000" and extract("a -3.5") == "-3.5"
+    norm = official_score.strip_string
+    assert norm("x = \\dfrac12") == "\\frac{1}{2}" and norm("\\frac1{2}") == "\\frac{1}{2}"
+    assert norm("50\\%") == "50" and norm(".5") == "\\frac{1}{2}" and norm("90^\\circ") == "90"
+    assert norm("5 \\text{ cm}") == "5" and norm("\\sqrt3") == "\\sqrt{3}" and norm("\\left( 1,2 \\right)") == "(1,2)"
+    assert official_score.thinks("<short> <think>") and not official_score.thinks("<short>")
+
+
 def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
     tok = load_tokenizer(make_word_tokenizer(tmp_path / "tok"))
     ids = control_ids(tok)
@@ -68,7 +113,7 @@ def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
         (0, 0): ([ids.short, box3, ids.eos], "stop"),  # short, correct, 2 tokens
         (0, 1): ([ids.think, the, ids.end_think, box3, ids.eos], "stop"),  # think, correct, 4 tokens
         (0, 2): ([ids.short, box3, ids.eos], "stop"),  # short, wrong, 2 tokens
-        (1, 0): ([ids.think, the, the], "length"),  # think, truncated: format error, 3 tokens
+        (1, 0): ([ids.think, the, box3], "length"),  # think, truncated: format error, 3 tokens (official: correct)
         (1, 1): ([ids.short, box3, ids.eos], "stop"),  # short, correct, 2 tokens
         (1, 2): ([box3, ids.eos], "stop"),  # no control token: format error, 1 token
     }
@@ -87,20 +132,58 @@ def test_metrics_with_a_scripted_sampler(tmp_path, monkeypatch):
     assert [c["seed"] for c in calls] == [0, 1]
     assert all(c["temperature"] == 0.6 and c["top_p"] == 0.95 and c["stop_ids"] == (ids.eos,) and c["n"] == 1
                and c["vocab_size"] == tok.get_vocab_size() and c["compile"] for c in calls)
+    # the official tokens: the prompt + every generated token, end of sentence included
+    prompt_lens = [len(encode_prompt(tok, p["problem"], instruction=True)) for p in problems]
+    response_lens = {(s, i): len(script[s, i][0]) for s in range(2) for i in range(3)}
+    official_tokens = [prompt_lens[i] + response_lens[s, i] for s in range(2) for i in range(3)]
     expected = {"samples": 6, "pass@1": 3 / 6, "mean_tokens": 14 / 6, "think_ratio": 2 / 6, "think_acc": 1 / 2,
-                "short_acc": 2 / 3, "format_error_rate": 2 / 6, "truncated_rate": 1 / 6}
+                "short_acc": 2 / 3, "format_error_rate": 2 / 6, "truncated_rate": 1 / 6,
+                "official_pass@1": 4 / 6, "official_tokens": sum(official_tokens) / 6, "official_think_ratio": 2 / 6}
     levels = m.pop("levels")
     assert m == pytest.approx(expected)
     assert levels["1"] == pytest.approx({"samples": 4, "pass@1": 0.75, "mean_tokens": 11 / 4, "think_ratio": 0.5,
                                          "think_acc": 0.5, "short_acc": 1.0, "format_error_rate": 0.25,
-                                         "truncated_rate": 0.25})
+                                         "truncated_rate": 0.25, "official_pass@1": 1.0, "official_think_ratio": 0.5,
+                                         "official_tokens": sum(official_tokens[i] for i in (0, 1, 3, 4)) / 4})
     assert levels["2"]["pass@1"] == 0 and levels["2"]["think_ratio"] == 0 and levels["2"]["think_acc"] is None
     records = [json.loads(line) for line in open(out)]
     assert [r["reward"] for r in records] == [1.0, 0.5, -1.0, -1.0, 1.0, -1.0]
     assert [r["mode"] for r in records] == ["short", "think", "short", "think", "short", None]
+    assert [r["official_correct"] for r in records] == [True, True, False, True, True, False]
+    assert [r["official_extracted"] for r in records] == ["3"] * 6
+    assert [r["official_tokens"] for r in records] == official_tokens
     assert records[1]["response"].split() == [THINK, "the", "</think>", "\\boxed{3}"]  # control tokens kept, no eos
     table = ev.format_table({"bench": {**m, "levels": levels}})
-    assert "bench" in table and "0.5000" in table and "33.3%" in table and "level 2" in table
+    assert "bench" in table and "0.5000" in table and "0.6667" in table and "33.3%" in table and "level 2" in table
+
+
+def test_template_that_prefills_think(tmp_path, monkeypatch):
+    """A checkpoint whose template pre-fills <think> (the base R1-Distill model): the prompt is
+    rendered by it, and its control token is the response's first token, as a forced mode."""
+    tok = load_tokenizer(make_word_tokenizer(tmp_path / "tok"))
+    ids = control_ids(tok)
+    folder = tmp_path / "ckpt"
+    save_tokenizer(tok, folder, chat_template=CHAT_TEMPLATE.replace("<｜Assistant｜>{% endif %}",
+                                                                    "<｜Assistant｜><think>{% endif %}"))
+    problem = {"problem": "what is 1 + 2 ?", "answer": "3"}
+    budgets = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        assert prompts == [encode_prompt(tok, problem["problem"], instruction=True) + [ids.think]]
+        budgets.append(max_new_tokens)
+        return [[Completion([ids.end_think, tok.token_to_id("\\boxed{3}"), ids.eos], [0.0] * 3, "stop")]]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"vocab_size": 320})()
+    out = tmp_path / "out.jsonl"
+    m = ev.evaluate(model, tok, [problem], samples=1, max_new_tokens=8, template_dir=folder, out_jsonl=out)
+    record = json.loads(open(out).read())
+    assert budgets == [7] and record["response"].split() == [THINK, "</think>", "\\boxed{3}"]
+    assert m["think_ratio"] == 1 and m["pass@1"] == 1 and m["official_pass@1"] == 1 and m["mean_tokens"] == 3
+    assert record["official_tokens"] == len(encode_prompt(tok, problem["problem"], instruction=True)) + 1 + 3
+    with pytest.raises(ValueError, match="pre-fills '<think>' already"):
+        ev.evaluate(model, tok, [problem], force_mode="short", template_dir=folder)
 
 
 def test_forced_mode_counts_in_the_token_budget(tmp_path, monkeypatch):
@@ -137,8 +220,8 @@ def test_cli_end_to_end(tmp_path, capsys):
             "--limit", "3", "--temperature", "1.0", "--top-p", "1.0", "--out-dir"]
     results = ev.main(argv + [str(out_dir)])
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split()[:4] == ["benchmark", "samples", "pass@1", "tokens"]
-    rows = [line.split() for line in table.splitlines()[2:]]  # name, samples, ...
+    assert table.splitlines()[1].split()[:5] == ["benchmark", "samples", "|", "pass@1", "tokens"]
+    rows = [line.split() for line in table.splitlines()[3:]]  # name, samples, ...
     assert [r[:2] for r in rows] == [["bench", "6"], ["Level", "1"], ["Level", "2"]]
     assert [r[2] for r in rows[1:]] == ["4", "2"]
     records = [json.loads(line) for line in open(out_dir / "bench.jsonl")]
@@ -150,6 +233,11 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert r["reward"] == thinkless_reward(r["response"], r["answer"])  # details and reward agree
         assert 1 <= r["tokens"] <= 6 and r["finish_reason"] in ("stop", "length")
         assert EOS not in r["response"] and all(w in vocab for w in r["response"].split())  # no padded rows
+    assert all(r["official_correct"] == ev.score_official(r["response"], r["answer"]) for r in records)
+    prompt_len = {i: len(encode_prompt(tok, p, instruction=True)) for i, p in
+                  enumerate(["what is 1 + 2 ?", "what is the answer ?", "please reason"])}
+    assert all(r["official_tokens"] == prompt_len[r["index"]] + r["tokens"] + (r["finish_reason"] == "stop")
+               for r in records)
     assert results["bench"]["samples"] == 6 and set(results["bench"]["levels"]) == {"Level 1", "Level 2"}
     summary = json.load(open(out_dir / "summary.json"))
     assert summary["results"] == json.loads(json.dumps(results))

@@ -264,6 +264,55 @@ def test_rl_checkpoints_load_in_transformers(assets, sft_model, tmp_path):
     assert metrics[-1]["think"] + metrics[-1]["short"] <= metrics[-1]["samples"] == 16
 
 
+def test_rl_uses_and_carries_the_starting_checkpoints_template(assets, sft_model, tmp_path, monkeypatch):
+    """RL from a checkpoint with its own template (here: a space after <｜Assistant｜>, as the released
+    warm-up model's newline): its prompts are rendered by it, its template and generation_config.json
+    are carried into the checkpoints, and AdamW runs with the official actor's betas (0.9, 0.95)."""
+    import shutil
+
+    import chat
+    import degrpo
+
+    start = tmp_path / "start"
+    shutil.copytree(sft_model, start)
+    spaced = chat.CHAT_TEMPLATE.replace("<｜Assistant｜>{% endif %}", "<｜Assistant｜> {% endif %}")
+    chat.save_tokenizer(toy.build_tokenizer(), start, chat_template=spaced)
+    generation = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "eos_token_id": 3}
+    (start / "generation_config.json").write_text(json.dumps(generation))
+    seen = []
+
+    def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, *args, **kwargs):
+        seen.append((prompt_ids, [g["betas"] for g in optimizer.param_groups]))
+        return real_rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, *args, **kwargs)
+
+    real_rl_step = degrpo.rl_step
+    monkeypatch.setattr(degrpo, "rl_step", rl_step)
+    out = tmp_path / "rl"
+    ckpt = train.train(train.parse_args([str(a) for a in rl_args(assets, start, out, steps=1)]))
+    tok = toy.build_tokenizer()
+    problems = [json.loads(line)["problem"] for line in open(assets / "rl.jsonl")]
+    expected = {tuple(tok.encode(f"{chat.BOS}{chat.USER}{q}{chat.ASSISTANT} ", add_special_tokens=False).ids)
+                for q in problems}
+    (prompts, betas), = seen
+    assert len(prompts) == 4 and all(tuple(p) in expected for p in prompts)
+    assert betas == [(0.9, 0.95)]
+    assert chat.chat_template(ckpt) == spaced
+    assert json.loads((out / "step_000001" / "generation_config.json").read_text()) == generation
+
+
+def test_rl_refuses_a_template_that_prefills_the_mode(assets, sft_model, tmp_path):
+    import shutil
+
+    import chat
+
+    start = tmp_path / "start"
+    shutil.copytree(sft_model, start)
+    chat.save_tokenizer(toy.build_tokenizer(), start, chat_template=chat.CHAT_TEMPLATE.replace(
+        "<｜Assistant｜>{% endif %}", "<｜Assistant｜><think>{% endif %}"))
+    with pytest.raises(ValueError, match="ends the generation prompt with '<think>'; RL needs the model to choose"):
+        train.train(train.parse_args([str(a) for a in rl_args(assets, start, tmp_path / "rl", steps=1)]))
+
+
 def test_crashed_save_keeps_previous_checkpoint(assets, sft_model, tmp_path, monkeypatch):
     out = tmp_path / "rl"
     cfg = train.parse_args([str(a) for a in rl_args(assets, sft_model, out, steps=1)])
