@@ -187,9 +187,9 @@ def test_process_group_timeout_is_a_flag(monkeypatch):
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
     cfg = train.parse_args(["--model", "m", "--data", "d"])
-    train.setup_distributed(cfg.dist_timeout_h)
+    train.setup_distributed(timeout_h=cfg.dist_timeout_h)
     assert got["timeout"].total_seconds() == 3 * 3600
-    train.setup_distributed(train.parse_args(["--model", "m", "--data", "d", "--dist-timeout-h", "0.5"]).dist_timeout_h)
+    train.setup_distributed(timeout_h=train.parse_args(["--model", "m", "--data", "d", "--dist-timeout-h", "0.5"]).dist_timeout_h)
     assert got["timeout"].total_seconds() == 1800
 
 
