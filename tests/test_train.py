@@ -309,7 +309,7 @@ def test_rl_refuses_a_template_that_prefills_the_mode(assets, sft_model, tmp_pat
     shutil.copytree(sft_model, start)
     chat.save_tokenizer(toy.build_tokenizer(), start, chat_template=chat.CHAT_TEMPLATE.replace(
         "<｜Assistant｜>{% endif %}", "<｜Assistant｜><think>{% endif %}"))
-    with pytest.raises(ValueError, match="ends the generation prompt with '<think>'; RL needs the model to choose"):
+    with pytest.raises(checkpoint.RunError, match="ends the generation prompt with '<think>'; RL needs the model to choose"):
         train.train(train.parse_args([str(a) for a in rl_args(assets, start, tmp_path / "rl", steps=1)]))
 
 
