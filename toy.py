@@ -226,62 +226,91 @@ def plot_history(history, path, title="toy task"):
 
 
 # -----------------------------------------------------------------------------
-# The demo driver: `python train.py` (train.py --preset toy) lands here
+# The demo driver: `python train.py` (train.py --preset toy) lands here. Two stages, which study.py
+# also runs apart: one warm-up, then RL runs of several methods from it.
 
 
-def run_demo(cfg):
-    """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
-    cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
+def method_name(cfg) -> str:
+    alpha = cfg.alpha or RL_ALPHA
+    if alpha.lower() == "none":
+        return f"vanilla GRPO ({cfg.loss_agg or 'seq-mean'})"
+    return f"DeGRPO (alpha {alpha}{', ' + cfg.loss_agg if cfg.loss_agg else ''})"
+
+
+def measure(model, tokenizer, problems, cfg, force_mode=None) -> dict:
+    """eval.evaluate on toy problems (a checkpoint folder or a model): one sample each at the RL
+    temperature, per-level metrics included."""
+    if isinstance(model, str):
+        model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
+    return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=MAX_NEW_TOKENS,
+                               temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
+                               instruction=False, force_mode=force_mode, progress=False)
+
+
+def warm_up(cfg, steps=None) -> dict:
+    """Stage 1 in cfg.out: a random tiny model (base/), the data files, warm-up SFT through
+    train.train (sft/), and two evaluations of the warm-up model on the test set: as it chooses, and
+    made to think on every problem (the baseline of the demo's targets: after RL the unused think
+    mode drifts, so the RL model is no longer the reasoning model). steps: fewer SFT steps than the
+    recipe's (study.py's shortened runs). Returns a JSON-able dict: reinforce() starts from it."""
     import train  # train.py imports this module only when the demo runs: no import cycle at load time
 
-    out = cfg.out
+    t0, out = time.time(), cfg.out
     base = os.path.join(out, "base")
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     Transformer(toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
     chat.save_tokenizer(tokenizer, base)
-    write_toy_data(out, cfg.seed)
-    test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
-    probe = test[:: max(1, len(test) // PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
-    alpha = cfg.alpha or RL_ALPHA
-    name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
-
-    def measure(model, problems, force_mode=None):
-        if isinstance(model, str):
-            model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
-        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=MAX_NEW_TOKENS,
-                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
-                                   instruction=False, force_mode=force_mode, progress=False)
-
-    t0 = time.time()
-    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
-    sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
-                                  out=os.path.join(out, "sft"), **SFT_OVERRIDES)
+    paths = write_toy_data(out, cfg.seed)
+    sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=paths["sft"],
+                                  out=os.path.join(out, "sft"), **dict(SFT_OVERRIDES, steps=steps or SFT_OVERRIDES["steps"]))
     sft_ckpt = train.train(sft_cfg)
+    test = evaluation.load_problems(paths["test"])
+    warm = {"sft_ckpt": sft_ckpt, "rl_data": paths["rl"], "test_data": paths["test"],
+            "sft": measure(sft_ckpt, tokenizer, test, cfg),
+            "always_think": measure(sft_ckpt, tokenizer, test, cfg, force_mode="think")}
     print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
-    before = measure(sft_ckpt, test)
-    # The baseline of the done-when targets: the warm-up model made to think on every problem (the RL
-    # model's unused think mode drifts, so it is not the reasoning model any more).
-    always_think = measure(sft_ckpt, test, force_mode="think")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think}))
+    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"]}))
+    return dict(warm, seconds=time.time() - t0)
 
-    history = [(0, measure(sft_ckpt, probe))]
+
+def reinforce(cfg, warm, steps=None) -> dict:
+    """Stage 2 in cfg.out/rl: DeGRPO (or vanilla GRPO with cfg.alpha "none") through train.train from
+    warm's SFT checkpoint, a held-out probe every PROBE_EVERY steps (the plot's curves), and the final
+    evaluation on the test set. steps: fewer RL steps than the recipe's. Returns the run's summary."""
+    import train
+
+    t0, name = time.time(), method_name(cfg)
+    tokenizer = build_tokenizer()
+    test = evaluation.load_problems(warm["test_data"])
+    probe = test[:: max(1, len(test) // PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
+    history = [(0, measure(warm["sft_ckpt"], tokenizer, probe, cfg))]
 
     def on_step(step, sampler_model):
         if step % PROBE_EVERY == 0:
-            history.append((step, measure(sampler_model, probe)))
+            history.append((step, measure(sampler_model, tokenizer, probe, cfg)))
 
-    rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
-                                 out=os.path.join(out, "rl"), alpha=alpha, **RL_OVERRIDES)
-    rl_ckpt = train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step)
-    after = measure(rl_ckpt, test)
-    print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
-    plot = os.path.join(out, "think_ratio.png")
-    plot_history(history, plot, title=f"toy task, {name}")
-    summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
-               "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=warm["sft_ckpt"], data=warm["rl_data"],
+                                 out=os.path.join(cfg.out, "rl"), alpha=cfg.alpha or RL_ALPHA,
+                                 **dict(RL_OVERRIDES, steps=steps or RL_OVERRIDES["steps"]))
+    after = measure(train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step), tokenizer, test, cfg)
+    print(f"\n== after {name} ({time.time() - t0:.0f} s)")
+    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"], name: after}))
+    return {"method": name, "alpha": rl_cfg.alpha, "loss_agg": cfg.loss_agg, "sft": warm["sft"],
+            "always_think": warm["always_think"], "rl": after, "history": [{"step": s, **m} for s, m in history],
+            "seconds": time.time() - t0}
+
+
+def run_demo(cfg):
+    """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
+    cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
+    t0 = time.time()
+    print(f"== toy task: warm-up SFT, then {method_name(cfg)}, on {torch.get_num_threads()} CPU threads; out: {cfg.out}")
+    summary = reinforce(cfg, warm_up(cfg))
+    summary["seconds"] = time.time() - t0
+    plot = os.path.join(cfg.out, "think_ratio.png")
+    plot_history([(h["step"], h) for h in summary["history"]], plot, title=f"toy task, {summary['method']}")
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")
+    print(f"plot: {plot}; summary: {os.path.join(cfg.out, 'summary.json')}; {summary['seconds']:.0f} s in all")
     return summary

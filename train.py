@@ -77,7 +77,8 @@ class TrainConfig:
     correct_think: float = arg(0.5, "reward of a correct think answer (short: 1.0)")
     updates_per_rollout: int = arg(2, "optimizer steps per rollout batch")
     std_normalize: bool = arg(False, "divide advantages by the group std")
-    per_sample: bool = arg(False, "paper's 1/T_i normalisation of the answer term")
+    loss_agg: str | None = arg(None, "seq-mean (per response, then over responses) or token-mean (over all tokens "
+                               "of the step); default: seq-mean for vanilla GRPO, token-mean for DeGRPO's answer term")
     drop_equal_groups: bool = False
     max_batch: int = arg(64, "rows the sampler decodes together")
     save_every: int = 50
@@ -118,6 +119,8 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("keep_last", "save_every", "batch_size", "group_size", "micro_batch_tokens", "max_batch"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.loss_agg not in (None,) + degrpo.LOSS_AGGS:
+        parser.error(f"--loss-agg must be one of {', '.join(degrpo.LOSS_AGGS)}, got {cfg.loss_agg!r}")
     if cfg.alpha is not None and cfg.alpha.lower() != "none":
         try:
             float(cfg.alpha)
@@ -227,9 +230,11 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         items = kept
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
     else:
-        problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
-        items = [(chat.encode_prompt(tokenizer, q), a) for q, a in problems]
+        problems = evaluation.load_problems(cfg.data, skip_unanswered=True)
+        items = [(chat.encode_prompt(tokenizer, p["problem"]), p["answer"], p.get("level")) for p in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
+        # with a `level` on every problem, the metrics count think samples per level (degrpo.rollout_metrics)
+        level_names = sorted({str(it[2]) for it in items}) if all(it[2] is not None for it in items) else []
         print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
         total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
         sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -239,13 +244,14 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         rl_cfg = degrpo.RLConfig(
             group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
             alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
-            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
+            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, loss_agg=cfg.loss_agg,
             drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
             micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip)
 
         def reward_fn(tokens, answer):
             d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
-            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct}
+            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct,
+                                                               "format_ok": d.format_ok}
 
     start = 0
     os.makedirs(cfg.out, exist_ok=True)
@@ -270,7 +276,8 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world)
+                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world,
+                               levels=[str(items[i][2]) for i in mine] if level_names else None, level_names=level_names)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
             line = (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
                     f"short acc {m['acc_short']:.2f} | len {m['response_len']:.0f} | kl {m['kl']:.4f} | "
