@@ -8,7 +8,7 @@ import study
 
 def test_shortened_study_continues_and_writes_figure_and_table(tmp_path, capsys):
     runs, docs = tmp_path / "runs", tmp_path / "docs"
-    args = ["--seeds", "0", "--sft-steps", "10", "--rl-steps", "2", "--out", str(runs), "--docs", str(docs)]
+    args = ["--presets", "toy", "--seeds", "0", "--sft-steps", "10", "--rl-steps", "2", "--out", str(runs), "--docs", str(docs)]
     study.main(args + ["--methods", "degrpo-1"])
     assert "study: 2 runs, 0 finished already, 2 to run" in capsys.readouterr().out
     stopped = runs / "toy" / "grpo-seq-mean" / "seed0"  # a run that stopped before its summary
