@@ -51,6 +51,7 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -60,11 +61,8 @@ import eval as evaluation
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig, Transformer
 
-SLOTS = 6  # numbers in every problem
-NONZERO = (1, 2, 3, 6)  # nonzero numbers on level 1, 2, ...
-LEVELS = len(NONZERO)
-BOXED = "\\boxed{"
 LETTERS = "abcdefghij"
+BOXED = "\\boxed{"
 
 
 def prompt_text(problem: str) -> str:
@@ -76,37 +74,56 @@ def prompt_text(problem: str) -> str:
 # The task and its two experts
 
 
-def make_problem(rng: random.Random, level: int) -> dict:
-    if not 1 <= level <= LEVELS:
-        raise ValueError(f"level {level}: expected 1..{LEVELS}")
-    # Random distinct letters: many distinct problem strings even on level 1, so held-out test
-    # problems are disjoint strings while every level still covers all of its arithmetic.
-    names = rng.sample(LETTERS, SLOTS)
-    nonzero = set(rng.sample(range(SLOTS), NONZERO[level - 1]))
-    values = [rng.randrange(1, 10) if i in nonzero else 0 for i in range(SLOTS)]
-    problem = " ".join(f"{x}={v}" for x, v in zip(names, values))
-    return dict(problem=problem, answer=str(sum(values) % 10), level=level)
+@dataclass(frozen=True)
+class Task:
+    """Problems of `slots` one-digit numbers named by distinct letters; on level L only nonzero[L-1]
+    of them are nonzero; the answer is the last digit of their sum."""
+    slots: int
+    nonzero: tuple[int, ...]  # nonzero numbers on level 1, 2, ...
+    spelled_out: bool = False  # think step "g=7 0+7=7" (term, then the addition) instead of "g7=7"
+    short_right: tuple[float, ...] | None = None  # per level: how often the short expert is right (None: always)
 
+    @property
+    def levels(self) -> int:
+        return len(self.nonzero)
 
-def parse_problem(problem: str) -> list[tuple[str, int]]:
-    """"a=3 h=0 ..." -> [("a", 3), ("h", 0), ...], refusing anything that is not a toy problem."""
-    terms = problem.split(" ")
-    ok = len(terms) == SLOTS and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
-    if not ok or len({t[0] for t in terms}) != SLOTS:
-        raise ValueError(f"problem {problem!r}: expected {SLOTS} terms 'x=D' with distinct letters from {LETTERS}")
-    return [(t[0], int(t[2])) for t in terms]
+    @property
+    def chars(self) -> str:  # every character a problem or an expert's answer can hold
+        return "0123456789" + LETTERS + "= " + ("+" if self.spelled_out else "")
 
+    def make_problem(self, rng: random.Random, level: int) -> dict:
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"level {level}: expected 1..{self.levels}")
+        # Random distinct letters: many distinct problem strings even on level 1, so held-out test
+        # problems are disjoint strings while every level still covers all of its arithmetic.
+        names = rng.sample(LETTERS, self.slots)
+        nonzero = set(rng.sample(range(self.slots), self.nonzero[level - 1]))
+        values = [rng.randrange(1, 10) if i in nonzero else 0 for i in range(self.slots)]
+        problem = " ".join(f"{x}={v}" for x, v in zip(names, values))
+        return dict(problem=problem, answer=str(sum(values) % 10), level=level)
 
-def think_expert(problem: str) -> str:
-    steps, total = [], 0
-    for x, v in parse_problem(problem):
-        total = (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
-        steps.append(f"{x}{v}={total}")
-    return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
+    def parse_problem(self, problem: str) -> list[tuple[str, int]]:
+        """"a=3 h=0 ..." -> [("a", 3), ("h", 0), ...], refusing anything that is not a problem of this task."""
+        terms = problem.split(" ")
+        ok = len(terms) == self.slots and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
+        if not ok or len({t[0] for t in terms}) != self.slots:
+            raise ValueError(f"problem {problem!r}: expected {self.slots} terms 'x=D' with distinct letters from {LETTERS}")
+        return [(t[0], int(t[2])) for t in terms]
 
+    def think_expert(self, problem: str) -> str:
+        steps, total = [], 0
+        for x, v in self.parse_problem(problem):
+            prev, total = total, (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
+            steps.append(f"{x}={v} {prev}+{v}={total}" if self.spelled_out else f"{x}{v}={total}")
+        return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
 
-def short_expert(problem: str) -> str:
-    return f"{SHORT}{BOXED}{sum(v for _, v in parse_problem(problem)) % 10}}}"
+    def short_expert(self, problem: str, careless: bool = False) -> str:
+        """The answer in one go; careless: the slip of the unreliable expert (write_toy_data draws it
+        with probability 1 - short_right[level]): only the first nonzero number, the rest dropped."""
+        values = [v for _, v in self.parse_problem(problem) if v]
+        if careless:
+            values = values[:1]
+        return f"{SHORT}{BOXED}{sum(values) % 10}}}"
 
 
 def is_equivalent(answer: str, ground_truth: str) -> bool:
@@ -114,16 +131,21 @@ def is_equivalent(answer: str, ground_truth: str) -> bool:
     return answer.strip() == ground_truth.strip()
 
 
+TOY = Task(slots=6, nonzero=(1, 2, 3, 6))
+# The default task's functions and constants under their first names (tests and examples use them).
+SLOTS, NONZERO, LEVELS = TOY.slots, TOY.nonzero, TOY.levels
+make_problem, parse_problem, think_expert, short_expert = TOY.make_problem, TOY.parse_problem, TOY.think_expert, TOY.short_expert
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer and model
 
 
-def build_tokenizer(out_dir=None) -> Tokenizer:
+def build_tokenizer(out_dir=None, chars: str = TOY.chars) -> Tokenizer:
     """A character-level tokenizer (the `tokenizers` library), saved as out_dir/tokenizer.json.
 
     Chat tokens are special (skip_special_tokens drops them); the control tokens are added but not
     special, as in the official recipe, so they survive decoding. Every piece is one token."""
-    chars = "0123456789" + LETTERS + "= "
     vocab = {c: i for i, c in enumerate([BOXED, "}"] + list(chars))}
     vocab["[UNK]"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -138,12 +160,12 @@ def build_tokenizer(out_dir=None) -> Tokenizer:
     return tok
 
 
-def toy_model_config(vocab_size: int) -> ModelConfig:
+def toy_model_config(vocab_size: int, max_positions: int = 128) -> ModelConfig:
     """A tiny Qwen2 (82k parameters). The vocabulary is padded to a multiple of 64 rows, like the
     1.5B model's 151936 rows for 151665 ids, so the toy also exercises 'never sample a padded row'."""
     return ModelConfig(vocab_size=-(-vocab_size // 64) * 64, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
+                       max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=False,
                        dtype="float32", bos_token_id=None, eos_token_id=None)
 
 
@@ -152,16 +174,16 @@ def toy_model_config(vocab_size: int) -> ModelConfig:
 
 
 def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: int = 4000,
-                   test_per_level: int = 100) -> dict:
+                   test_per_level: int = 100, task: Task = TOY) -> dict:
     """sft.jsonl {prompt, response} (both experts' answers to every prompt, THINKLESS.md section 3),
     rl.jsonl and test.jsonl {problem, answer, level}; levels are uniform, the three sets disjoint.
     Returns {name: path}."""
     rng = random.Random(seed)
     seen, sets = set(), {}
-    for name, n in (("test", test_per_level * LEVELS), ("rl", rl_prompts), ("sft", sft_prompts)):
+    for name, n in (("test", test_per_level * task.levels), ("rl", rl_prompts), ("sft", sft_prompts)):
         problems = []
         while len(problems) < n:
-            p = make_problem(rng, len(problems) % LEVELS + 1)
+            p = task.make_problem(rng, len(problems) % task.levels + 1)
             if p["problem"] not in seen:  # held out: no problem string is in two sets
                 seen.add(p["problem"])
                 problems.append(p)
@@ -171,7 +193,8 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in sets}
     with open(paths["sft"], "w") as f:
         for p in sets["sft"]:
-            for response in (think_expert(p["problem"]), short_expert(p["problem"])):
+            careless = task.short_right is not None and rng.random() >= task.short_right[p["level"] - 1]
+            for response in (task.think_expert(p["problem"]), task.short_expert(p["problem"], careless)):
                 f.write(json.dumps({"prompt": p["problem"], "response": response}) + "\n")
     for name in ("rl", "test"):
         with open(paths[name], "w") as f:
@@ -180,25 +203,47 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 
 
 # -----------------------------------------------------------------------------
-# The recipe (train.py --preset toy) and its plot
-
-MAX_NEW_TOKENS = 48  # a think answer is 35 tokens with its end-of-sentence, a short one 5
-# Warm-up SFT, measured (module docstring): 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
-SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                     max_len=128, micro_batch_tokens=8192, save_every=500)
-# RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
-RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
-                    micro_batch_tokens=16384)
-# DeGRPO's control-token weight for the toy. A control token weighs about alpha x (answer tokens per
-# response) times an answer token: the official 0.001 makes that a few times on the paper's
-# responses of thousands of tokens, but 1/70 on the toy's 5-35, and the mode choice barely moves
-# (think ratio 35/38/43/52% per level after 200 steps); alpha = 1 routes (0/1/4/97%). Not in
-# RL_OVERRIDES, so that --alpha none (vanilla GRPO) still reaches train.py.
-RL_ALPHA = "1.0"
-PROBE_PROBLEMS, PROBE_EVERY = 100, 5  # held-out problems measured every PROBE_EVERY RL steps for the plot
+# The recipes (train.py --preset NAME) and their plot
 
 
-def plot_history(history, path, title="toy task"):
+@dataclass(frozen=True)
+class Preset:
+    """What differs between the toy regimes; run_demo reads it."""
+    task: Task
+    sft: dict  # train.TrainConfig fields of the warm-up
+    rl: dict  # train.TrainConfig fields of RL (max_new_tokens included)
+    alpha: str  # DeGRPO's control-token weight; not in `rl`, so that --alpha (none: vanilla GRPO) still reaches train.py
+    max_positions: int  # the model's max_position_embeddings: prompt + the longest answer
+    probe_problems: int = 100  # held-out problems measured every probe_every RL steps for the plot
+    probe_every: int = 5
+
+
+PRESETS = {
+    # The first regime (module docstring, first part).
+    # Warm-up SFT, measured: 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
+    # RL, measured: 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
+    # alpha: a control token weighs about alpha x (answer tokens per response) times an answer token:
+    # the official 0.001 makes that a few times on the paper's responses of thousands of tokens, but
+    # 1/70 on the toy's 5-35, and the mode choice barely moves (think ratio 35/38/43/52% per level
+    # after 200 steps); alpha = 1 routes (0/1/4/97%).
+    "toy": Preset(
+        task=TOY,
+        sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                 max_len=128, micro_batch_tokens=8192, save_every=500),
+        rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=48, micro_batch_tokens=16384),
+        alpha="1.0", max_positions=128),
+    # The long regime (module docstring, second part): think answers 26x the tokens of short ones, and
+    # a middle level whose short expert is right half the time.
+    "long": Preset(
+        task=Task(slots=10, nonzero=(1, 2, 10), spelled_out=True, short_right=(1.0, 0.5, 1.0)),
+        sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                 max_len=256, micro_batch_tokens=16384, save_every=500),
+        rl=dict(steps=200, batch_size=16, group_size=8, lr=1e-4, max_new_tokens=120, micro_batch_tokens=32768),
+        alpha="1.0", max_positions=256, probe_every=10),
+}
+
+
+def plot_history(history, path, title="toy task", nonzero=NONZERO):
     """history [(rl_step, eval.evaluate() metrics with "levels")] -> PNG of think ratio and accuracy
     per level over the RL steps."""
     import matplotlib
@@ -213,7 +258,7 @@ def plot_history(history, path, title="toy task"):
     for ax, key, label in ((axes[0], "think_ratio", "think ratio"), (axes[1], "pass@1", "accuracy")):
         for lv in levels:
             ax.plot(steps, [m["levels"][lv][key] for _, m in history], marker="o", ms=3,
-                    label=f"level {lv} ({NONZERO[int(lv) - 1]} nonzero)")
+                    label=f"level {lv} ({nonzero[int(lv) - 1]} nonzero)")
         ax.set_xlabel("RL step")
         ax.set_ylabel(label)
         ax.set_ylim(-0.03, 1.03)
@@ -226,37 +271,38 @@ def plot_history(history, path, title="toy task"):
 
 
 # -----------------------------------------------------------------------------
-# The demo driver: `python train.py` (train.py --preset toy) lands here
+# The demo driver: `python train.py` (train.py --preset NAME, toy by default) lands here
 
 
 def run_demo(cfg):
     """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
-    cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
+    cfg: train.TrainConfig with a preset of PRESETS; the stages run through train.train like a real run."""
     import train  # train.py imports this module only when the demo runs: no import cycle at load time
 
-    out = cfg.out
+    preset, out = PRESETS[cfg.preset], cfg.out
+    task, max_new_tokens = preset.task, preset.rl["max_new_tokens"]
     base = os.path.join(out, "base")
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
-    Transformer(toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
+    tokenizer = build_tokenizer(chars=task.chars)
+    Transformer(toy_model_config(tokenizer.get_vocab_size(), preset.max_positions)).save_pretrained(base)
     chat.save_tokenizer(tokenizer, base)
-    write_toy_data(out, cfg.seed)
+    write_toy_data(out, cfg.seed, task=task)
     test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
-    probe = test[:: max(1, len(test) // PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
-    alpha = cfg.alpha or RL_ALPHA
+    probe = test[:: max(1, len(test) // preset.probe_problems)]  # a small held-out slice for the RL curves
+    alpha = cfg.alpha or preset.alpha
     name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
 
     def measure(model, problems, force_mode=None):
         if isinstance(model, str):
             model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
-        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=MAX_NEW_TOKENS,
+        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=max_new_tokens,
                                    temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
                                    instruction=False, force_mode=force_mode, progress=False)
 
     t0 = time.time()
-    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
+    print(f"== toy task ({cfg.preset}): warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
     sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
-                                  out=os.path.join(out, "sft"), **SFT_OVERRIDES)
+                                  out=os.path.join(out, "sft"), **preset.sft)
     sft_ckpt = train.train(sft_cfg)
     print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
     before = measure(sft_ckpt, test)
@@ -268,17 +314,17 @@ def run_demo(cfg):
     history = [(0, measure(sft_ckpt, probe))]
 
     def on_step(step, sampler_model):
-        if step % PROBE_EVERY == 0:
+        if step % preset.probe_every == 0:
             history.append((step, measure(sampler_model, probe)))
 
     rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
-                                 out=os.path.join(out, "rl"), alpha=alpha, **RL_OVERRIDES)
+                                 out=os.path.join(out, "rl"), alpha=alpha, **preset.rl)
     rl_ckpt = train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step)
     after = measure(rl_ckpt, test)
     print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
     print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
     plot = os.path.join(out, "think_ratio.png")
-    plot_history(history, plot, title=f"toy task, {name}")
+    plot_history(history, plot, title=f"toy task ({cfg.preset}), {name}", nonzero=task.nonzero)
     summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
                "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
     with open(os.path.join(out, "summary.json"), "w") as f:
