@@ -1,5 +1,9 @@
 """
-The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset toy`).
+The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset NAME`).
+Two regimes of one task, PRESETS["toy"] (the default of `python train.py`) and PRESETS["long"]; a
+Preset holds what differs between them: the task's shape, the recipe, alpha, the probe settings.
+
+== The toy regime (--preset toy)
 
 The task: the last digit of the sum of six one-digit numbers, each named by a letter; on level L
 only NONZERO[L-1] of the six numbers are nonzero (1, 2, 3 or all 6):
@@ -43,6 +47,44 @@ thinking. Level 3 sits at the edge: with fewer warm-up steps its short answers a
 
 Results of the full recipe (train.py, 200 RL steps): README.md. There the always-think baseline is
 the warm-up model, not the RL model: after RL the unused think mode drifts on the easy levels.
+
+== The long regime (--preset long): the paper's length imbalance and a short mode RL can improve
+
+On the toy regime a think answer is 7x a short one (the paper's: thousands of tokens against
+hundreds), and after the warm-up the short answers are right on every level where they can be, so
+RL has nothing to improve in the short mode. This regime changes exactly those two things:
+    level 1  "d=0 h=0 b=4 g=0 ..."  one of ten numbers nonzero
+    level 2  two of ten nonzero, the middle level
+    level 3  all ten nonzero
+    think: "<think>d=0 0+0=0 h=0 0+0=0 b=4 0+4=4 ... </think>\\boxed{4}"   104 tokens on every level
+    short: "<short>\\boxed{4}"                                             4 tokens (26x; 21x with EOS)
+  - Length: ten numbers (all ten letters, in random order), and every thinking step written out in
+    full, the term and then the addition with the running sum: "b=4 0+4=4". The extra tokens are
+    copies at fixed distances, so the chain stays as easy to learn per step as the toy's; it is just
+    long, as a reasoning model's is. Under a mean per response (the paper's vanilla GRPO) the control
+    token of a think answer then weighs 1/105 of its response, a short answer's 1/5.
+  - Level 1 is a lookup of the one nonzero number: short is reliable after the warm-up. Level 3 is
+    a sum of ten digits in one go: short stays near chance (10%), thinking pays (section 8).
+  - Level 2, the middle: the short expert is right on half of its problems; on the other half it
+    slips and answers the first nonzero number only, dropping the second (an instruction model
+    that fails on medium problems the reasoning model solves). The student learns both answers, so
+    after the warm-up its short accuracy there is about 0.5 < 0.75 p_think: at first, thinking
+    pays. But the right answer is in its repertoire (half of level 2's short data teaches it), and
+    RL rewards the right one of the two: short accuracy can rise above 0.75 during RL, and then
+    short pays. So level 2's think share can rise, then fall.
+    (Why not a level at the edge of what the warm-up learns, like the toy's level 3: that edge is a
+    jump (0.13 to 0.99 between 1000 and 1500 steps on seed 1) and RL's lr is 30x below the
+    warm-up's. The careless expert sets the short accuracy by the data, on any seed.)
+  - The model is the toy's (2 layers, hidden 64) with max_position_embeddings 256 (prompt 42 tokens
+    + the 105-token think answer); tokenizer: the toy's plus "+" (33 ids).
+Measured warm-up (the toy's loop and recipe, 2000 steps; ONE CPU thread on a 2-core machine shared
+with other jobs; forced mode, greedy / temperature 0.6; 100 held-out test problems per level; seed 1):
+    SFT steps    think accuracy, level 1..3    short accuracy, level 1..3    p(<think>) first token
+                 greedy                        greedy / T 0.6
+     500         1.00 0.93 0.58                0.68 0.06 0.09 / -
+    1000         1.00 0.95 0.96                1.00 0.60 0.08 / 0.98 0.47 0.11      0.42
+RL from the 1000-step warm-up (DeGRPO alpha 1, the preset's RL recipe): after 25 steps level 2's
+short accuracy (forced, T 0.6) is 0.74, up from 0.47; think ratio per level 0.54 / 0.61 / 0.68.
 """
 
 import dataclasses
