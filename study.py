@@ -1,9 +1,10 @@
 """
 The study of issue 12 on the toy task: does vanilla GRPO collapse to one mode, does the think share
-rise then fall (the paper's U), and how much does DeGRPO's alpha matter? A grid of RL runs:
+rise then fall (the paper's U), and how much does DeGRPO's alpha matter? A grid of RL runs on each
+of toy.py's regimes (toy.PRESETS):
 
-    python study.py                      # the whole grid: 7 methods x 3 seeds (run time: README.md)
-    python study.py --seeds 0 --methods degrpo-1 grpo-seq-mean --rl-steps 20   # a shortened one
+    python study.py --presets long toy   # the whole grid: 7 methods x 3 seeds per regime (run time: README.md)
+    python study.py --presets toy --seeds 0 --methods degrpo-1 grpo-seq-mean --rl-steps 20   # a shortened one
 
 Methods (METHODS): DeGRPO with alpha 0.001, 0.01, 0.1, 1 and 10 (its answer term token-mean, the
 official code's), and vanilla GRPO (--alpha none) aggregated seq-mean (the paper's form) and
@@ -271,9 +272,12 @@ def report(preset, methods, seeds, out, docs, command):
 
 
 def main(argv=None):
+    import toy
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["toy"], choices=["toy"], help="toy.py regimes")
+    parser.add_argument("--presets", nargs="+", default=list(toy.PRESETS), choices=list(toy.PRESETS),
+                        help="toy.py's regimes (toy.PRESETS)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sft-steps", type=int, help="warm-up steps; default: the preset's")

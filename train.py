@@ -51,7 +51,7 @@ def arg(default, help):  # a config field and its --help text
 
 @dataclass
 class TrainConfig:
-    preset: str | None = arg(None, "toy: the CPU demo end to end (the default without --model)")
+    preset: str | None = arg(None, "toy (the default without --model) or long: the CPU demo end to end (toy.PRESETS)")
     stage: str = arg("rl", "sft (warm-up distillation) or rl (DeGRPO)")
     model: str | None = arg(None, "Hugging Face checkpoint folder to start from")
     data: str | None = arg(None, "sft: JSONL {prompt, response}; rl: JSONL {problem, answer}")
@@ -105,12 +105,12 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error(f"--stage must be sft or rl, got {cfg.stage!r}")
     if cfg.preset is None and cfg.model is None:
         cfg.preset = "toy"
-    if cfg.preset not in (None, "toy"):
-        parser.error(f"--preset must be toy, got {cfg.preset!r}")
-    if cfg.preset == "toy":  # the toy sets these itself: a flag that would be ignored is refused
+    if cfg.preset is not None:  # the toy sets these itself: a flag that would be ignored is refused
         import toy
 
-        fixed = {"stage", "model", "data"} | set(toy.SFT_OVERRIDES) | set(toy.RL_OVERRIDES)
+        if cfg.preset not in toy.PRESETS:
+            parser.error(f"--preset must be one of {', '.join(toy.PRESETS)}, got {cfg.preset!r}")
+        fixed = {"stage", "model", "data"} | set(toy.PRESETS[cfg.preset].sft) | set(toy.PRESETS[cfg.preset].rl)
         ignored = sorted(f"--{name.replace('_', '-')}" for name in fixed if getattr(cfg, name) != getattr(TrainConfig(), name))
         if ignored:
             parser.error(f"the toy demo sets {', '.join(ignored)} itself (toy.py); give --model and --data to run a stage")
@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.preset == "toy":
+    if cfg.preset is not None:
         import toy
 
         toy.run_demo(cfg)
