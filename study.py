@@ -21,8 +21,8 @@ Design:
   summary.json, written last, marks a finished run: it is skipped when the grid runs again, while a
   folder without one (a run that stopped) is redone from scratch. So the grid continues where it stopped.
 - Outputs in --docs, per preset: study_<preset>.png (the batch think share over the RL steps per
-  method, mean and min-max band over seeds; the final think ratio per level) and study_<preset>.md
-  (the table: see report()).
+  method, mean and min-max band over seeds, over all levels and level by level; the final think
+  ratio per level) and study_<preset>.md (the table: see report()).
 """
 
 import argparse
@@ -176,8 +176,10 @@ def load_run(folder):
     collapsed = ("think" if min(think.values()) >= COLLAPSE_SHARE else
                  "short" if max(think.values()) <= 1 - COLLAPSE_SHARE else "no")
     share = [m["think"] / m["samples"] for m in steps]  # the batch think share, step by step
+    share_by_level = {lv: [m["think_by_level"][lv] / m["samples_by_level"][lv] if m["samples_by_level"][lv]
+                           else float("nan") for m in steps] for lv in steps[-1]["samples_by_level"]}
     peak = max(range(len(share)), key=lambda k: sum(share[k: k + 10]))  # the highest 10-step window
-    return {"summary": summary, "share": share, "collapsed": collapsed,
+    return {"summary": summary, "share": share, "share_by_level": share_by_level, "collapsed": collapsed,
             "first_target_step": next((h["step"] for h in summary["history"]
                                        if targets_hold(h, summary["always_think"])), None),
             "share_path": (sum(share[:10]) / len(share[:10]), sum(share[peak: peak + 10]) / len(share[peak: peak + 10]),
@@ -204,27 +206,39 @@ def report(preset, methods, seeds, out, docs, command):
         raise SystemExit(f"study: no finished run of preset {preset} in {out}")
     any_run = next(iter(runs.values()))[0]["summary"]
     levels = level_order(any_run["rl"]["levels"])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    L = len(levels)
+    fig = plt.figure(figsize=(max(13, 4.5 * L), 8.5))
+    grid = fig.add_gridspec(2, 2 * L)  # top: all levels, and the final think ratio; bottom: one panel a level
+    ax, bx = fig.add_subplot(grid[0, :L]), fig.add_subplot(grid[0, L:])
+    level_axes = [fig.add_subplot(grid[1, 2 * k: 2 * k + 2]) for k in range(L)]
+
+    def band(a, curves, **style):  # one curve per seed -> their mean, and a min-max band
+        n = min(map(len, curves))
+        by_step = list(zip(*(c[:n] for c in curves)))  # (steps, seeds)
+        line, = a.plot(range(1, n + 1), [sum(v) / len(v) for v in by_step], lw=1.1, **style)
+        a.fill_between(range(1, n + 1), [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(),
+                       alpha=0.15)
+
     width = 0.8 / len(runs)
     for k, (m, rs) in enumerate(runs.items()):
-        n = min(len(r["share"]) for r in rs)
-        steps = range(1, n + 1)
-        by_step = list(zip(*(r["share"][:n] for r in rs)))  # (steps, seeds)
-        line, = ax.plot(steps, [sum(v) / len(v) for v in by_step], label=m, lw=1.2)
-        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(), alpha=0.15)
+        band(ax, [r["share"] for r in rs], color=f"C{k}", label=m)
+        for a, lv in zip(level_axes, levels):
+            band(a, [r["share_by_level"][lv] for r in rs], color=f"C{k}")
         final = [[r["summary"]["rl"]["levels"][lv]["think_ratio"] for r in rs] for lv in levels]  # (levels, seeds)
-        x = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(levels))]
         mean = [sum(v) / len(v) for v in final]
-        bx.bar(x, mean, width, color=line.get_color(), label=m,
+        bx.bar([i + (k - (len(runs) - 1) / 2) * width for i in range(L)], mean, width, color=f"C{k}", label=m,
                yerr=[[a - min(v) for a, v in zip(mean, final)], [max(v) - a for a, v in zip(mean, final)]], capsize=2)
-    ax.set(xlabel="RL step", ylabel="think share of the batch", ylim=(-0.02, 1.02),
-           title="batch think share (mean, band: min-max over seeds)")
-    bx.set(xticks=range(len(levels)), xticklabels=[f"level {lv}" for lv in levels], ylabel="think ratio", ylim=(0, 1.05),
+    ax.set(xlabel="RL step", ylabel="think share of the batch", title="batch think share (mean; band: min-max over seeds)")
+    bx.set(xticks=range(L), xticklabels=[f"level {lv}" for lv in levels], ylabel="think ratio",
            title="after RL: think ratio per level (test set; bars: min-max)")
-    for a in (ax, bx):
+    for a, lv in zip(level_axes, levels):
+        a.set(xlabel="RL step", title=f"batch think share, level {lv}")
+    for a in [ax, bx] + level_axes:
+        a.set_ylim(-0.02, 1.05)
         a.grid(alpha=0.3)
     bx.legend(fontsize=8)
-    fig.suptitle(f"toy preset '{preset}': {len(seeds)} seeds, seed by seed from the same warm-up")
+    fig.suptitle(f"toy preset '{preset}', seeds {', '.join(map(str, seeds))}: every method of a seed starts RL from "
+                 "that seed's warm-up")
     fig.tight_layout()
     os.makedirs(docs, exist_ok=True)
     fig.savefig(os.path.join(docs, f"study_{preset}.png"), dpi=100)
