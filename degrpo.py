@@ -8,11 +8,21 @@ PPO-style clipped surrogate with rho = pi_theta / pi_old:
 
     L_{i,t} = -min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i)
 
-Vanilla GRPO averages L over all tokens, so the single control token of a long response weighs
-~1/(T_i + 1): long and short responses push the mode decision unequally and the mode collapses.
-DeGRPO splits the two objectives and weighs the control term with its own coefficient alpha:
+Vanilla GRPO (alpha=None) treats the control token as one more token of the response. Two ways to
+aggregate L over the n responses of an optimizer step (n = prompts x G), named as in verl and TRL
+(loss_agg):
 
-    loss = alpha * mean_i L_{i,0}  +  mean_{i, t>=1} L_{i,t}  +  beta * KL  -  h * entropy
+    seq-mean    (1/n) sum_i 1/(T_i+1) sum_{t=0..T_i} L_{i,t}   the paper's vanilla GRPO (its default)
+    token-mean  (1/N) sum_i sum_{t=0..T_i} L_{i,t}             the official code's; N = all tokens
+
+Under seq-mean the control token of response i weighs 1/(n (T_i+1)): a long response moves the mode
+choice less than a short one, the imbalance the paper blames for its collapse to one mode. Under
+token-mean every control token weighs 1/N, whatever its response's length. DeGRPO splits the two
+objectives and gives the control term its own weight alpha:
+
+    loss = alpha * (1/n) sum_i L_{i,0}  +  answer term  +  beta * KL  -  h * entropy
+    answer term, token-mean: (1/N_ans) sum_{i, t>=1} L_{i,t}      the official code's (its default)
+                 seq-mean:   (1/n) sum_i (1/T_i) sum_{t>=1} L_{i,t}   the paper's
 
 The file has two layers. The pure functions (group_advantages, policy_loss, kl_k3) are the
 formulas, tested against a direct transcription of the official ones. rl_step() is the loop
@@ -34,6 +44,8 @@ import torch.distributed as dist
 from sampler import generate
 from training import all_reduce_sum, batch_rows, clip_and_step, micro_batches, pad_batch, token_logprobs
 
+LOSS_AGGS = ("seq-mean", "token-mean")  # policy_loss's aggregations (module docstring)
+
 # -----------------------------------------------------------------------------
 # The formulas
 
@@ -54,35 +66,44 @@ def group_advantages(rewards, group_size, std_normalize=False):
 
 
 def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num_seqs=None, num_tokens=None,
-                per_sample=False):
-    """The clipped surrogate, decoupled (alpha given) or vanilla GRPO (alpha=None).
+                loss_agg=None):
+    """The clipped surrogate, decoupled (alpha given) or vanilla GRPO (alpha=None), aggregated by
+    loss_agg: "seq-mean", "token-mean" or None (the default of each: seq-mean for vanilla GRPO as
+    the paper writes it, token-mean for DeGRPO's answer term as the official code runs it).
 
     logp, old_logp, mask: [B, T], column 0 = the control token, mask = real response tokens.
     advantages: [B]. Returns (loss, clip fraction of the masked tokens).
-    Denominators default to these tensors (the official formula); the trainer passes the counts of
-    the whole optimizer step instead:
-      DeGRPO:  num_seqs = number of responses, num_tokens = number of answer tokens (t >= 1)
-      vanilla: num_tokens = number of all response tokens (control token included)
-    per_sample=True is the paper's form of the answer term: mean_i (1/T_i) sum_{t>=1} L_{i,t}.
+    Denominators default to these tensors (one optimizer step in one call); the trainer passes the
+    counts of the whole optimizer step instead, so that the sum of the micro-batches' losses is the
+    step's loss:
+      num_seqs = number of responses n (the control term, and every seq-mean)
+      num_tokens = number of tokens N of a token-mean: answer tokens (t >= 1) for DeGRPO, all
+                   response tokens (control token included) for vanilla GRPO
+    The per-response 1/(T_i+1) or 1/T_i of seq-mean is local to a row, so it needs no count.
     """
     if not (logp.shape == old_logp.shape == mask.shape) or advantages.shape != logp.shape[:1]:
         raise ValueError(f"shapes: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
                          f"{tuple(mask.shape)} must match and advantages {tuple(advantages.shape)} must be [B]")
+    loss_agg = loss_agg or ("seq-mean" if alpha is None else "token-mean")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg={loss_agg!r}: expected one of {LOSS_AGGS}")
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)  # (B, T) rho = pi_theta / pi_old
     adv = advantages[:, None].float()  # (B, 1): every token of response i shares A_i
     unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
     per_token = -torch.min(unclipped, clipped) * mask  # (B, T) L_{i,t}
     clip_frac = ((clipped < unclipped).float() * mask).sum() / mask.sum().clamp(min=1)
-    if alpha is None:  # vanilla GRPO: one mean over every token, control token included
-        return per_token.sum() / (num_tokens or mask.sum().clamp(min=1)), clip_frac
-    control = per_token[:, 0].sum() / (num_seqs or mask[:, 0].sum().clamp(min=1))  # mean_i L_{i,0}
-    answer, answer_mask = per_token[:, 1:], mask[:, 1:]
-    if per_sample:  # mean_i (1/T_i) sum_t L_{i,t}
-        answer_term = (answer.sum(1) / answer_mask.sum(1).clamp(min=1)).sum() / (num_seqs or mask[:, 0].sum().clamp(min=1))
-    else:  # mean over all answer tokens of the step
-        answer_term = answer.sum() / (num_tokens or answer_mask.sum().clamp(min=1))
-    return alpha * control + answer_term, clip_frac
+    n = num_seqs or mask[:, 0].sum().clamp(min=1)
+
+    def aggregate(L, m):  # L, m: (B, T') the tokens of one objective
+        if loss_agg == "seq-mean":  # (1/n) sum_i (1/T'_i) sum_t L_{i,t}
+            return (L.sum(1) / m.sum(1).clamp(min=1)).sum() / n
+        return L.sum() / (num_tokens or m.sum().clamp(min=1))  # (1/N) sum_{i,t} L_{i,t}
+
+    if alpha is None:  # vanilla GRPO: the control token is one more token of the response
+        return aggregate(per_token, mask), clip_frac
+    control = per_token[:, 0].sum() / n  # (1/n) sum_i L_{i,0}
+    return alpha * control + aggregate(per_token[:, 1:], mask[:, 1:]), clip_frac
 
 
 def kl_k3(logp, ref_logp):
@@ -112,7 +133,7 @@ class RLConfig:
     beta: float = 0.001  # k3 KL to the frozen reference
     entropy_coef: float = 0.001
     std_normalize: bool = False
-    per_sample: bool = False  # the paper's 1/T_i normalisation of the answer term
+    loss_agg: str | None = None  # "seq-mean" | "token-mean"; None: seq-mean for vanilla GRPO, token-mean for DeGRPO
     drop_equal_groups: bool = False  # drop groups whose rewards are all equal (off in the official run)
     updates_per_rollout: int = 2  # optimizer steps per rollout batch (mini-batches of prompts)
     micro_batch_tokens: int = 32768  # token budget of one forward/backward
@@ -217,7 +238,7 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
             loss, clip_frac = policy_loss(logp, old, adv.to(device), mask, alpha=cfg.alpha,
                                           clip_eps=cfg.clip_eps, num_seqs=num_seqs,
                                           num_tokens=num_all if cfg.alpha is None else max(num_answer, 1),
-                                          per_sample=cfg.per_sample)
+                                          loss_agg=cfg.loss_agg)
             m = mask.float()
             kl = kl_k3(logp, _stack([ref_logp[i] for i in mb], mask)) if cfg.beta else torch.zeros_like(logp)
             loss = loss + cfg.beta * (kl * m).sum() / num_all - cfg.entropy_coef * (entropy * m).sum() / num_all
@@ -245,38 +266,52 @@ def _stack(rows, mask):
     return out
 
 
-def rollout_metrics(rollout: Rollout, group_size, device):
-    """Counts summed over ranks: think/short samples, accuracy per mode, all-correct/all-wrong groups..."""
+def rollout_metrics(rollout: Rollout, group_size, device, level_names=()):
+    """Counts summed over ranks: think/short/malformed samples, accuracy per mode, all-correct/all-wrong
+    groups... With level_names (every label of the data set, the same list on every rank) and a
+    "level" in each sample's details: think_by_level and samples_by_level, {label: count}, the think
+    share per level of this step's batch."""
     modes = [d.get("mode") for d in rollout.details]
     correct = torch.tensor([bool(d.get("correct")) for d in rollout.details])
     think = torch.tensor([m == "think" for m in modes])
     short = torch.tensor([m == "short" for m in modes])
-    # malformed: a format error (no control token, a chain never closed, no \boxed{}); such a sample
-    # still counts in its mode when it has one
-    malformed = torch.tensor([not d.get("format_ok", d.get("mode") in ("think", "short")) for d in rollout.details])
+    # malformed: no control token, or a format error (unclosed chain, no \boxed{} answer)
+    malformed = torch.tensor([m not in ("think", "short") or not d.get("format_ok", True)
+                              for m, d in zip(modes, rollout.details)])
     lengths = torch.tensor([len(r) for r in rollout.responses], dtype=torch.float64)
     groups = correct.view(-1, group_size)
+    levels = [str(d.get("level")) for d in rollout.details]
+    by_level = []  # think, samples of each label
+    for name in level_names:
+        rows = [i for i, lv in enumerate(levels) if lv == name]
+        by_level += [think[rows].sum(), len(rows)]
     sums = torch.tensor([len(modes), think.sum(), short.sum(), (correct & think).sum(), (correct & short).sum(),
                          correct.sum(), groups.all(1).sum(), (~groups).all(1).sum(), groups.shape[0],
-                         rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum(), malformed.sum()],
-                        dtype=torch.float64)
+                         rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum(), malformed.sum()]
+                        + by_level, dtype=torch.float64)
     s = all_reduce_sum(sums, device).tolist()
     max_len = torch.tensor([lengths.max().item()], dtype=torch.float64)
     if dist.is_initialized():
         max_len = max_len.to(device)
         dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
     n = max(s[0], 1)
-    return {"samples": int(s[0]), "think": int(s[1]), "short": int(s[2]),
-            "acc_think": s[3] / max(s[1], 1), "acc_short": s[4] / max(s[2], 1), "accuracy": s[5] / n,
-            "groups_all_correct": int(s[6]), "groups_all_wrong": int(s[7]), "groups": int(s[8]),
-            "reward": s[9] / n, "response_len": s[10] / n, "response_len_max": int(max_len.item()),
-            "truncated_frac": s[11] / n, "malformed": int(s[12])}
+    metrics = {"samples": int(s[0]), "think": int(s[1]), "short": int(s[2]), "malformed": int(s[12]),
+               "acc_think": s[3] / max(s[1], 1), "acc_short": s[4] / max(s[2], 1), "accuracy": s[5] / n,
+               "groups_all_correct": int(s[6]), "groups_all_wrong": int(s[7]), "groups": int(s[8]),
+               "reward": s[9] / n, "response_len": s[10] / n, "response_len_max": int(max_len.item()),
+               "truncated_frac": s[11] / n}
+    if level_names:
+        metrics["think_by_level"] = {name: int(s[13 + 2 * k]) for k, name in enumerate(level_names)}
+        metrics["samples_by_level"] = {name: int(s[14 + 2 * k]) for k, name in enumerate(level_names)}
+    return metrics
 
 
 def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, reward_fn, cfg: RLConfig, seed,
-            eos_id, vocab_size, first_index=0, world_size=1, cache=None):
+            eos_id, vocab_size, first_index=0, world_size=1, cache=None, levels=None, level_names=()):
     """One rollout batch: sample, score, advantages, cfg.updates_per_rollout optimizer steps. Metrics dict.
-    cache: the sampler's KV cache, allocated once per run (sampler.new_cache); None: one per rollout."""
+    cache: the sampler's KV cache, allocated once per run (sampler.new_cache); None: one per rollout.
+    levels: this rank's prompts' labels (e.g. difficulty), level_names: all labels of the data set;
+    both given, the metrics hold the think share per level (rollout_metrics)."""
     device = model_device(policy)
     t0 = time.time()
     rollout = sample_rollouts(sampler_model, prompt_ids, answers, reward_fn, cfg, seed, eos_id, vocab_size,
@@ -286,7 +321,9 @@ def rl_step(policy, sampler_model, ref_model, optimizer, prompt_ids, answers, re
     equal = (rollout.rewards.view(-1, cfg.group_size) == rollout.rewards.view(-1, cfg.group_size)[:, :1]).all(1)
     for i, d in enumerate(rollout.details):
         d["group_equal"] = bool(equal[i // cfg.group_size])
-    metrics = rollout_metrics(rollout, cfg.group_size, device)
+        if levels is not None:
+            d["level"] = levels[i // cfg.group_size]
+    metrics = rollout_metrics(rollout, cfg.group_size, device, level_names if levels is not None else ())
     metrics.update(rl_update(policy, ref_model, optimizer, rollout, advantages, cfg, world_size, first_index, vocab_size))
     metrics.update(rollout_time=t1 - t0, update_time=time.time() - t1)
     return metrics

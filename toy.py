@@ -1,5 +1,9 @@
 """
-The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset toy`).
+The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset NAME`).
+Two regimes of one task, PRESETS["toy"] (the default of `python train.py`) and PRESETS["long"]; a
+Preset holds what differs between them: the task's shape, the recipe, alpha, the probe settings.
+
+== The toy regime (--preset toy)
 
 The task: the last digit of the sum of six one-digit numbers, each named by a letter; on level L
 only NONZERO[L-1] of the six numbers are nonzero (1, 2, 3 or all 6):
@@ -43,6 +47,44 @@ thinking. Level 3 sits at the edge: with fewer warm-up steps its short answers a
 
 Results of the full recipe (train.py, 200 RL steps): README.md. There the always-think baseline is
 the warm-up model, not the RL model: after RL the unused think mode drifts on the easy levels.
+
+== The long regime (--preset long): the paper's length imbalance and a short mode RL can improve
+
+On the toy regime a think answer is 7x a short one (the paper's: thousands of tokens against
+hundreds), and after the warm-up the short answers are right on every level where they can be, so
+RL has nothing to improve in the short mode. This regime changes exactly those two things:
+    level 1  "d=0 h=0 b=4 g=0 ..."  one of ten numbers nonzero
+    level 2  two of ten nonzero, the middle level
+    level 3  all ten nonzero
+    think: "<think>d=0 0+0=0 h=0 0+0=0 b=4 0+4=4 ... </think>\\boxed{4}"   104 tokens on every level
+    short: "<short>\\boxed{4}"                                             4 tokens (26x; 21x with EOS)
+  - Length: ten numbers (all ten letters, in random order), and every thinking step written out in
+    full, the term and then the addition with the running sum: "b=4 0+4=4". The extra tokens are
+    copies at fixed distances, so the chain stays as easy to learn per step as the toy's; it is just
+    long, as a reasoning model's is. Under a mean per response (the paper's vanilla GRPO) the control
+    token of a think answer then weighs 1/105 of its response, a short answer's 1/5.
+  - Level 1 is a lookup of the one nonzero number: short is reliable after the warm-up. Level 3 is
+    a sum of ten digits in one go: short stays near chance (10%), thinking pays (section 8).
+  - Level 2, the middle: the short expert is right on half of its problems; on the other half it
+    slips and answers the first nonzero number only, dropping the second (an instruction model
+    that fails on medium problems the reasoning model solves). The student learns both answers, so
+    after the warm-up its short accuracy there is about 0.5 < 0.75 p_think: at first, thinking
+    pays. But the right answer is in its repertoire (half of level 2's short data teaches it), and
+    RL rewards the right one of the two: short accuracy can rise above 0.75 during RL, and then
+    short pays. So level 2's think share can rise, then fall.
+    (Why not a level at the edge of what the warm-up learns, like the toy's level 3: that edge is a
+    jump (0.13 to 0.99 between 1000 and 1500 steps on seed 1) and RL's lr is 30x below the
+    warm-up's. The careless expert sets the short accuracy by the data, on any seed.)
+  - The model is the toy's (2 layers, hidden 64) with max_position_embeddings 256 (prompt 42 tokens
+    + the 105-token think answer); tokenizer: the toy's plus "+" (33 ids).
+Measured warm-up (the toy's loop and recipe, 2000 steps; ONE CPU thread on a 2-core machine shared
+with other jobs; forced mode, greedy / temperature 0.6; 100 held-out test problems per level; seed 1):
+    SFT steps    think accuracy, level 1..3    short accuracy, level 1..3    p(<think>) first token
+                 greedy                        greedy / T 0.6
+     500         1.00 0.93 0.58                0.68 0.06 0.09 / -
+    1000         1.00 0.95 0.96                1.00 0.60 0.08 / 0.98 0.47 0.11      0.42
+RL from the 1000-step warm-up (DeGRPO alpha 1, the preset's RL recipe): after 25 steps level 2's
+short accuracy (forced, T 0.6) is 0.74, up from 0.47; think ratio per level 0.54 / 0.61 / 0.68.
 """
 
 import dataclasses
@@ -52,6 +94,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -62,11 +105,8 @@ from checkpoint import RunError
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig, Transformer
 
-SLOTS = 6  # numbers in every problem
-NONZERO = (1, 2, 3, 6)  # nonzero numbers on level 1, 2, ...
-LEVELS = len(NONZERO)
-BOXED = "\\boxed{"
 LETTERS = "abcdefghij"
+BOXED = "\\boxed{"
 
 
 def prompt_text(problem: str) -> str:
@@ -78,37 +118,56 @@ def prompt_text(problem: str) -> str:
 # The task and its two experts
 
 
-def make_problem(rng: random.Random, level: int) -> dict:
-    if not 1 <= level <= LEVELS:
-        raise ValueError(f"level {level}: expected 1..{LEVELS}")
-    # Random distinct letters: many distinct problem strings even on level 1, so held-out test
-    # problems are disjoint strings while every level still covers all of its arithmetic.
-    names = rng.sample(LETTERS, SLOTS)
-    nonzero = set(rng.sample(range(SLOTS), NONZERO[level - 1]))
-    values = [rng.randrange(1, 10) if i in nonzero else 0 for i in range(SLOTS)]
-    problem = " ".join(f"{x}={v}" for x, v in zip(names, values))
-    return dict(problem=problem, answer=str(sum(values) % 10), level=level)
+@dataclass(frozen=True)
+class Task:
+    """Problems of `slots` one-digit numbers named by distinct letters; on level L only nonzero[L-1]
+    of them are nonzero; the answer is the last digit of their sum."""
+    slots: int
+    nonzero: tuple[int, ...]  # nonzero numbers on level 1, 2, ...
+    spelled_out: bool = False  # think step "g=7 0+7=7" (term, then the addition) instead of "g7=7"
+    short_right: tuple[float, ...] | None = None  # per level: how often the short expert is right (None: always)
 
+    @property
+    def levels(self) -> int:
+        return len(self.nonzero)
 
-def parse_problem(problem: str) -> list[tuple[str, int]]:
-    """"a=3 h=0 ..." -> [("a", 3), ("h", 0), ...], refusing anything that is not a toy problem."""
-    terms = problem.split(" ")
-    ok = len(terms) == SLOTS and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
-    if not ok or len({t[0] for t in terms}) != SLOTS:
-        raise ValueError(f"problem {problem!r}: expected {SLOTS} terms 'x=D' with distinct letters from {LETTERS}")
-    return [(t[0], int(t[2])) for t in terms]
+    @property
+    def chars(self) -> str:  # every character a problem or an expert's answer can hold
+        return "0123456789" + LETTERS + "= " + ("+" if self.spelled_out else "")
 
+    def make_problem(self, rng: random.Random, level: int) -> dict:
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"level {level}: expected 1..{self.levels}")
+        # Random distinct letters: many distinct problem strings even on level 1, so held-out test
+        # problems are disjoint strings while every level still covers all of its arithmetic.
+        names = rng.sample(LETTERS, self.slots)
+        nonzero = set(rng.sample(range(self.slots), self.nonzero[level - 1]))
+        values = [rng.randrange(1, 10) if i in nonzero else 0 for i in range(self.slots)]
+        problem = " ".join(f"{x}={v}" for x, v in zip(names, values))
+        return dict(problem=problem, answer=str(sum(values) % 10), level=level)
 
-def think_expert(problem: str) -> str:
-    steps, total = [], 0
-    for x, v in parse_problem(problem):
-        total = (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
-        steps.append(f"{x}{v}={total}")
-    return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
+    def parse_problem(self, problem: str) -> list[tuple[str, int]]:
+        """"a=3 h=0 ..." -> [("a", 3), ("h", 0), ...], refusing anything that is not a problem of this task."""
+        terms = problem.split(" ")
+        ok = len(terms) == self.slots and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
+        if not ok or len({t[0] for t in terms}) != self.slots:
+            raise ValueError(f"problem {problem!r}: expected {self.slots} terms 'x=D' with distinct letters from {LETTERS}")
+        return [(t[0], int(t[2])) for t in terms]
 
+    def think_expert(self, problem: str) -> str:
+        steps, total = [], 0
+        for x, v in self.parse_problem(problem):
+            prev, total = total, (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
+            steps.append(f"{x}={v} {prev}+{v}={total}" if self.spelled_out else f"{x}{v}={total}")
+        return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
 
-def short_expert(problem: str) -> str:
-    return f"{SHORT}{BOXED}{sum(v for _, v in parse_problem(problem)) % 10}}}"
+    def short_expert(self, problem: str, careless: bool = False) -> str:
+        """The answer in one go; careless: the slip of the unreliable expert (write_toy_data draws it
+        with probability 1 - short_right[level]): only the first nonzero number, the rest dropped."""
+        values = [v for _, v in self.parse_problem(problem) if v]
+        if careless:
+            values = values[:1]
+        return f"{SHORT}{BOXED}{sum(values) % 10}}}"
 
 
 def is_equivalent(answer: str, ground_truth: str) -> bool:
@@ -116,16 +175,21 @@ def is_equivalent(answer: str, ground_truth: str) -> bool:
     return answer.strip() == ground_truth.strip()
 
 
+TOY = Task(slots=6, nonzero=(1, 2, 3, 6))
+# The default task's functions and constants under their first names (tests and examples use them).
+SLOTS, NONZERO, LEVELS = TOY.slots, TOY.nonzero, TOY.levels
+make_problem, parse_problem, think_expert, short_expert = TOY.make_problem, TOY.parse_problem, TOY.think_expert, TOY.short_expert
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer and model
 
 
-def build_tokenizer(out_dir=None) -> Tokenizer:
+def build_tokenizer(out_dir=None, chars: str = TOY.chars) -> Tokenizer:
     """A character-level tokenizer (the `tokenizers` library), saved as out_dir/tokenizer.json.
 
     Chat tokens are special (skip_special_tokens drops them); the control tokens are added but not
     special, as in the official recipe, so they survive decoding. Every piece is one token."""
-    chars = "0123456789" + LETTERS + "= "
     vocab = {c: i for i, c in enumerate([BOXED, "}"] + list(chars))}
     vocab["[UNK]"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -140,12 +204,12 @@ def build_tokenizer(out_dir=None) -> Tokenizer:
     return tok
 
 
-def toy_model_config(vocab_size: int) -> ModelConfig:
+def toy_model_config(vocab_size: int, max_positions: int = 128) -> ModelConfig:
     """A tiny Qwen2 (82k parameters). The vocabulary is padded to a multiple of 64 rows, like the
     1.5B model's 151936 rows for 151665 ids, so the toy also exercises 'never sample a padded row'."""
     return ModelConfig(vocab_size=-(-vocab_size // 64) * 64, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False,
+                       max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=False,
                        dtype="float32", bos_token_id=None, eos_token_id=None)
 
 
@@ -154,16 +218,16 @@ def toy_model_config(vocab_size: int) -> ModelConfig:
 
 
 def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: int = 4000,
-                   test_per_level: int = 100) -> dict:
+                   test_per_level: int = 100, task: Task = TOY) -> dict:
     """sft.jsonl {prompt, response} (both experts' answers to every prompt, THINKLESS.md section 3),
     rl.jsonl and test.jsonl {problem, answer, level}; levels are uniform, the three sets disjoint.
     Returns {name: path}."""
     rng = random.Random(seed)
     seen, sets = set(), {}
-    for name, n in (("test", test_per_level * LEVELS), ("rl", rl_prompts), ("sft", sft_prompts)):
+    for name, n in (("test", test_per_level * task.levels), ("rl", rl_prompts), ("sft", sft_prompts)):
         problems = []
         while len(problems) < n:
-            p = make_problem(rng, len(problems) % LEVELS + 1)
+            p = task.make_problem(rng, len(problems) % task.levels + 1)
             if p["problem"] not in seen:  # held out: no problem string is in two sets
                 seen.add(p["problem"])
                 problems.append(p)
@@ -173,7 +237,8 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in sets}
     with open(paths["sft"], "w") as f:
         for p in sets["sft"]:
-            for response in (think_expert(p["problem"]), short_expert(p["problem"])):
+            careless = task.short_right is not None and rng.random() >= task.short_right[p["level"] - 1]
+            for response in (task.think_expert(p["problem"]), task.short_expert(p["problem"], careless)):
                 f.write(json.dumps({"prompt": p["problem"], "response": response}) + "\n")
     for name in ("rl", "test"):
         with open(paths[name], "w") as f:
@@ -182,25 +247,49 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 
 
 # -----------------------------------------------------------------------------
-# The recipe (train.py --preset toy) and its plot
-
-MAX_NEW_TOKENS = 48  # a think answer is 35 tokens with its end-of-sentence, a short one 5
-# Warm-up SFT, measured (module docstring): 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
-SFT_OVERRIDES = dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                     max_len=128, micro_batch_tokens=8192, save_every=500, grad_checkpointing=False)
-# RL, measured (module docstring): 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
-RL_OVERRIDES = dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=MAX_NEW_TOKENS,
-                    micro_batch_tokens=16384, grad_checkpointing=False)
-# DeGRPO's control-token weight for the toy. A control token weighs about alpha x (answer tokens per
-# response) times an answer token: the official 0.001 makes that a few times on the paper's
-# responses of thousands of tokens, but 1/70 on the toy's 5-35, and the mode choice barely moves
-# (think ratio 35/38/43/52% per level after 200 steps); alpha = 1 routes (0/1/4/97%). Not in
-# RL_OVERRIDES, so that --alpha none (vanilla GRPO) still reaches train.py.
-RL_ALPHA = "1.0"
-PROBE_PROBLEMS, PROBE_EVERY = 100, 5  # held-out problems measured every PROBE_EVERY RL steps for the plot
+# The recipes (train.py --preset NAME) and their plot
 
 
-def plot_history(history, path, title="toy task"):
+@dataclass(frozen=True)
+class Preset:
+    """What differs between the toy regimes; run_demo reads it."""
+    task: Task
+    sft: dict  # train.TrainConfig fields of the warm-up
+    rl: dict  # train.TrainConfig fields of RL (max_new_tokens included)
+    alpha: str  # DeGRPO's control-token weight; not in `rl`, so that --alpha (none: vanilla GRPO) still reaches train.py
+    max_positions: int  # the model's max_position_embeddings: prompt + the longest answer
+    probe_problems: int = 100  # held-out problems measured every probe_every RL steps for the plot
+    probe_every: int = 5
+
+
+PRESETS = {
+    # The first regime (module docstring, first part).
+    # Warm-up SFT, measured: 2000 steps of 64 sequences, ~2-3 min on one CPU thread.
+    # RL, measured: 200 rollout batches of 32 prompts x 8 samples, ~2 min on one thread.
+    # alpha: a control token weighs about alpha x (answer tokens per response) times an answer token:
+    # the official 0.001 makes that a few times on the paper's responses of thousands of tokens, but
+    # 1/70 on the toy's 5-35, and the mode choice barely moves (think ratio 35/38/43/52% per level
+    # after 200 steps); alpha = 1 routes (0/1/4/97%).
+    "toy": Preset(
+        task=TOY,
+        sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                 max_len=128, micro_batch_tokens=8192, save_every=500, grad_checkpointing=False),
+        rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=48, micro_batch_tokens=16384,
+                grad_checkpointing=False),
+        alpha="1.0", max_positions=128),
+    # The long regime (module docstring, second part): think answers 26x the tokens of short ones, and
+    # a middle level whose short expert is right half the time.
+    "long": Preset(
+        task=Task(slots=10, nonzero=(1, 2, 10), spelled_out=True, short_right=(1.0, 0.5, 1.0)),
+        sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                 max_len=256, micro_batch_tokens=16384, save_every=500, grad_checkpointing=False),
+        rl=dict(steps=200, batch_size=16, group_size=8, lr=1e-4, max_new_tokens=120, micro_batch_tokens=32768,
+                grad_checkpointing=False),
+        alpha="1.0", max_positions=256, probe_every=10),
+}
+
+
+def plot_history(history, path, title="toy task", nonzero=NONZERO):
     """history [(rl_step, eval.evaluate() metrics with "levels")] -> PNG of think ratio and accuracy
     per level over the RL steps."""
     import matplotlib
@@ -215,7 +304,7 @@ def plot_history(history, path, title="toy task"):
     for ax, key, label in ((axes[0], "think_ratio", "think ratio"), (axes[1], "pass@1", "accuracy")):
         for lv in levels:
             ax.plot(steps, [m["levels"][lv][key] for _, m in history], marker="o", ms=3,
-                    label=f"level {lv} ({NONZERO[int(lv) - 1]} nonzero)")
+                    label=f"level {lv} ({nonzero[int(lv) - 1]} nonzero)")
         ax.set_xlabel("RL step")
         ax.set_ylabel(label)
         ax.set_ylim(-0.03, 1.03)
@@ -228,7 +317,79 @@ def plot_history(history, path, title="toy task"):
 
 
 # -----------------------------------------------------------------------------
-# The demo driver: `python train.py` (train.py --preset toy) lands here
+# The demo driver: `python train.py` (train.py --preset NAME, toy by default) lands here. Two
+# stages, which study.py also runs apart: one warm-up, then RL runs of several methods from it.
+
+
+def method_name(cfg) -> str:
+    alpha = cfg.alpha or PRESETS[cfg.preset].alpha
+    if alpha.lower() == "none":
+        return f"vanilla GRPO ({cfg.loss_agg or 'seq-mean'})"
+    return f"DeGRPO (alpha {alpha}{', ' + cfg.loss_agg if cfg.loss_agg else ''})"
+
+
+def measure(model, tokenizer, problems, cfg, force_mode=None) -> dict:
+    """eval.evaluate on toy problems (a checkpoint folder or a model): one sample each at the RL
+    temperature and the preset's answer cap, per-level metrics included."""
+    if isinstance(model, str):
+        model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
+    return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=PRESETS[cfg.preset].rl["max_new_tokens"],
+                               temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
+                               instruction=False, force_mode=force_mode, progress=False)
+
+
+def warm_up(cfg, steps=None) -> dict:
+    """Stage 1 in cfg.out: a random tiny model (base/), the data files of the preset's task, warm-up
+    SFT through train.train (sft/), and two evaluations of the warm-up model on the test set: as it
+    chooses, and made to think on every problem (the baseline of the demo's targets: after RL the
+    unused think mode drifts, so the RL model is no longer the reasoning model). steps: fewer SFT
+    steps than the preset's (study.py's shortened runs). Returns a JSON-able dict: reinforce() starts from it."""
+    import train  # train.py imports this module only when the demo runs: no import cycle at load time
+
+    t0, out, preset = time.time(), cfg.out, PRESETS[cfg.preset]
+    base = os.path.join(out, "base")
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(chars=preset.task.chars)
+    Transformer(toy_model_config(tokenizer.get_vocab_size(), preset.max_positions)).save_pretrained(base)
+    chat.save_tokenizer(tokenizer, base)
+    paths = write_toy_data(out, cfg.seed, task=preset.task)
+    sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=paths["sft"],
+                                  out=os.path.join(out, "sft"), **dict(preset.sft, steps=steps or preset.sft["steps"]))
+    sft_ckpt = train.train(sft_cfg)
+    test = evaluation.load_problems(paths["test"])
+    warm = {"sft_ckpt": sft_ckpt, "rl_data": paths["rl"], "test_data": paths["test"],
+            "sft": measure(sft_ckpt, tokenizer, test, cfg),
+            "always_think": measure(sft_ckpt, tokenizer, test, cfg, force_mode="think")}
+    print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
+    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"]}))
+    return dict(warm, seconds=time.time() - t0)
+
+
+def reinforce(cfg, warm, steps=None) -> dict:
+    """Stage 2 in cfg.out/rl: DeGRPO (or vanilla GRPO with cfg.alpha "none") through train.train from
+    warm's SFT checkpoint, a held-out probe every preset.probe_every steps (the plot's curves), and
+    the final evaluation on the test set. steps: fewer RL steps than the preset's. Returns the run's summary."""
+    import train
+
+    t0, name, preset = time.time(), method_name(cfg), PRESETS[cfg.preset]
+    tokenizer = build_tokenizer(chars=preset.task.chars)
+    test = evaluation.load_problems(warm["test_data"])
+    probe = test[:: max(1, len(test) // preset.probe_problems)]  # a small held-out slice for the RL curves
+    history = [(0, measure(warm["sft_ckpt"], tokenizer, probe, cfg))]
+
+    def on_step(step, sampler_model):
+        if step % preset.probe_every == 0:
+            history.append((step, measure(sampler_model, tokenizer, probe, cfg)))
+
+    rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=warm["sft_ckpt"], data=warm["rl_data"],
+                                 out=os.path.join(cfg.out, "rl"), alpha=cfg.alpha or preset.alpha,
+                                 **dict(preset.rl, steps=steps or preset.rl["steps"]))
+    after = measure(train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step), tokenizer, test, cfg)
+    print(f"\n== after {name} ({time.time() - t0:.0f} s)")
+    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"], name: after}))
+    return {"method": name, "alpha": rl_cfg.alpha, "loss_agg": cfg.loss_agg, "sft": warm["sft"],
+            "always_think": warm["always_think"], "rl": after, "history": [{"step": s, **m} for s, m in history],
+            "seconds": time.time() - t0}
 
 
 # What the demo writes into --out. The demo starts from scratch on every run, so a rerun into the same
@@ -252,58 +413,17 @@ def clear_demo_folder(out):
 
 def run_demo(cfg):
     """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
-    cfg: train.TrainConfig with preset "toy"; the stages run through train.train like a real run."""
-    import train  # train.py imports this module only when the demo runs: no import cycle at load time
-
-    out = cfg.out
-    clear_demo_folder(out)
-    base = os.path.join(out, "base")
-    torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
-    Transformer(toy_model_config(tokenizer.get_vocab_size())).save_pretrained(base)
-    chat.save_tokenizer(tokenizer, base)
-    write_toy_data(out, cfg.seed)
-    test = evaluation.load_problems(os.path.join(out, "test.jsonl"))
-    probe = test[:: max(1, len(test) // PROBE_PROBLEMS)]  # a small held-out slice for the RL curves
-    alpha = cfg.alpha or RL_ALPHA
-    name = "vanilla GRPO" if alpha.lower() == "none" else f"DeGRPO (alpha {alpha})"
-
-    def measure(model, problems, force_mode=None):
-        if isinstance(model, str):
-            model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
-        return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=MAX_NEW_TOKENS,
-                                   temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
-                                   instruction=False, force_mode=force_mode, progress=False)
-
+    cfg: train.TrainConfig with a preset of PRESETS; the stages run through train.train like a real run."""
     t0 = time.time()
-    print(f"== toy task: warm-up SFT, then {name}, on {torch.get_num_threads()} CPU threads; out: {out}")
-    sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=os.path.join(out, "sft.jsonl"),
-                                  out=os.path.join(out, "sft"), **SFT_OVERRIDES)
-    sft_ckpt = train.train(sft_cfg)
-    print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
-    before = measure(sft_ckpt, test)
-    # The baseline of the done-when targets: the warm-up model made to think on every problem (the RL
-    # model's unused think mode drifts, so it is not the reasoning model any more).
-    always_think = measure(sft_ckpt, test, force_mode="think")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think}))
-
-    history = [(0, measure(sft_ckpt, probe))]
-
-    def on_step(step, sampler_model):
-        if step % PROBE_EVERY == 0:
-            history.append((step, measure(sampler_model, probe)))
-
-    rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=sft_ckpt, data=os.path.join(out, "rl.jsonl"),
-                                 out=os.path.join(out, "rl"), alpha=alpha, **RL_OVERRIDES)
-    rl_ckpt = train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step)
-    after = measure(rl_ckpt, test)
-    print(f"\n== after {name} ({time.time() - t0:.0f} s in all)")
-    print(evaluation.format_table({"SFT": before, "SFT, always think": always_think, name: after}))
-    plot = os.path.join(out, "think_ratio.png")
-    plot_history(history, plot, title=f"toy task, {name}")
-    summary = {"alpha": alpha, "sft": before, "always_think": always_think, "rl": after,
-               "history": [{"step": s, **m} for s, m in history], "seconds": time.time() - t0}
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    clear_demo_folder(cfg.out)
+    print(f"== toy task ({cfg.preset}): warm-up SFT, then {method_name(cfg)}, on {torch.get_num_threads()} CPU "
+          f"threads; out: {cfg.out}")
+    summary = reinforce(cfg, warm_up(cfg))
+    summary["seconds"] = time.time() - t0
+    plot = os.path.join(cfg.out, "think_ratio.png")
+    plot_history([(h["step"], h) for h in summary["history"]], plot, title=f"toy task ({cfg.preset}), {summary['method']}",
+                 nonzero=PRESETS[cfg.preset].task.nonzero)
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"plot: {plot}; summary: {os.path.join(out, 'summary.json')}")
+    print(f"plot: {plot}; summary: {os.path.join(cfg.out, 'summary.json')}; {summary['seconds']:.0f} s in all")
     return summary

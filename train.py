@@ -66,7 +66,7 @@ def arg(default, help):  # a config field and its --help text
 
 @dataclass
 class TrainConfig:
-    preset: str | None = arg(None, "toy: the CPU demo end to end (the default without --model)")
+    preset: str | None = arg(None, "toy (the default without --model) or long: the CPU demo end to end (toy.PRESETS)")
     stage: str = arg("rl", "sft (warm-up distillation) or rl (DeGRPO)")
     model: str | None = arg(None, "checkpoint to start from: a Hugging Face folder, or a Hub id such as "
                         "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (downloaded when no such folder exists)")
@@ -95,7 +95,8 @@ class TrainConfig:
     correct_think: float = arg(0.5, "reward of a correct think answer (short: 1.0)")
     updates_per_rollout: int = arg(2, "optimizer steps per rollout batch")
     std_normalize: bool = arg(False, "divide advantages by the group std")
-    per_sample: bool = arg(False, "paper's 1/T_i normalisation of the answer term")
+    loss_agg: str | None = arg(None, "seq-mean (per response, then over responses) or token-mean (over all tokens "
+                               "of the step); default: seq-mean for vanilla GRPO, token-mean for DeGRPO's answer term")
     drop_equal_groups: bool = False
     max_batch: int = arg(64, "rows the sampler decodes together")
     dtype: str | None = arg(None, "bfloat16 or float32: FSDP2's compute, the sampler and reference copies, the saved "
@@ -130,12 +131,12 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error(f"--stage must be sft or rl, got {cfg.stage!r}")
     if cfg.preset is None and cfg.model is None:
         cfg.preset = "toy"
-    if cfg.preset not in (None, "toy"):
-        parser.error(f"--preset must be toy, got {cfg.preset!r}")
-    if cfg.preset == "toy":  # the toy sets these itself: a flag that would be ignored is refused
+    if cfg.preset is not None:  # the toy sets these itself: a flag that would be ignored is refused
         import toy
 
-        fixed = {"stage", "model", "data"} | set(toy.SFT_OVERRIDES) | set(toy.RL_OVERRIDES)
+        if cfg.preset not in toy.PRESETS:
+            parser.error(f"--preset must be one of {', '.join(toy.PRESETS)}, got {cfg.preset!r}")
+        fixed = {"stage", "model", "data"} | set(toy.PRESETS[cfg.preset].sft) | set(toy.PRESETS[cfg.preset].rl)
         ignored = sorted(f"--{name.replace('_', '-')}" for name in fixed if getattr(cfg, name) != getattr(TrainConfig(), name))
         if ignored:
             parser.error(f"the toy demo sets {', '.join(ignored)} itself (toy.py); give --model and --data to run a stage")
@@ -148,6 +149,8 @@ def parse_args(argv=None) -> TrainConfig:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.dtype not in (None, "bfloat16", "float32"):
         parser.error(f"--dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.loss_agg not in (None,) + degrpo.LOSS_AGGS:
+        parser.error(f"--loss-agg must be one of {', '.join(degrpo.LOSS_AGGS)}, got {cfg.loss_agg!r}")
     if cfg.alpha is not None and cfg.alpha.lower() != "none":
         try:
             float(cfg.alpha)
@@ -251,8 +254,9 @@ def load_items(cfg: TrainConfig, tokenizer, eos_id, model_dir):
         items = [e for e in examples if len(e[0]) + len(e[1]) <= cfg.max_len]
         print0(f"sft: {len(items)} pairs ({len(examples) - len(items)} dropped over {cfg.max_len} tokens)")
     else:
-        problems = [(p["problem"], p["answer"]) for p in evaluation.load_problems(cfg.data, skip_unanswered=True)]
-        items = [(chat.encode_prompt(tokenizer, q, template_dir=model_dir), a) for q, a in problems]
+        problems = evaluation.load_problems(cfg.data, skip_unanswered=True)
+        items = [(chat.encode_prompt(tokenizer, p["problem"], template_dir=model_dir), p["answer"], p.get("level"))
+                 for p in problems]
         items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
         print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
     if not items:
@@ -296,6 +300,9 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
         raise RunError(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)) from None
     total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
+    # rl: with a `level` on every problem, the metrics count think samples per level (degrpo.rollout_metrics)
+    levelled = cfg.stage == "rl" and all(it[2] is not None for it in items)
+    level_names = sorted({str(it[2]) for it in items}) if levelled else []
     torch.manual_seed(cfg.seed)
     policy = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     policy.gradient_checkpointing = cfg.grad_checkpointing
@@ -317,7 +324,7 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         rl_cfg = degrpo.RLConfig(
             group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
             alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
-            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, per_sample=cfg.per_sample,
+            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, loss_agg=cfg.loss_agg,
             drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
             micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip,
             compile=cfg.compile)
@@ -356,7 +363,8 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
         else:
             m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
                                [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world, cache=cache)
+                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world, cache=cache,
+                               levels=[str(items[i][2]) for i in mine] if level_names else None, level_names=level_names)
             copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
         elapsed = time.time() - t_start
         if time.time() - t_print >= 2 or step + 1 == total_steps:  # every step, or every 2 s when steps are fast
@@ -381,7 +389,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     status = 0
     try:
-        if cfg.preset == "toy":
+        if cfg.preset is not None:
             import toy
 
             toy.run_demo(cfg)

@@ -8,9 +8,13 @@ import torch
 from degrpo import group_advantages, kl_k3, policy_loss
 
 
-def official_loss(logp, old_logp, adv, mask, alpha, eps=0.2):
-    """loss = alpha * mean_i L_{i,0} + mean_{i,t>=1} L_{i,t}; vanilla (alpha None): mean over all tokens,
-    L_{i,t} = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i), written with Python loops and math."""
+def official_loss(logp, old_logp, adv, mask, alpha, eps=0.2, loss_agg=None):
+    """THINKLESS.md section 4 written with Python loops and math, L_{i,t} = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i):
+      vanilla (alpha None), seq-mean:   (1/n) sum_i 1/(T_i+1) sum_{t=0..T_i} L_{i,t}   (the paper's)
+      vanilla, token-mean:              mean over all tokens                            (the official code's)
+      DeGRPO: alpha * mean_i L_{i,0} + answer term, the answer term token-mean (mean over all tokens t >= 1,
+              the official code's) or seq-mean ((1/n) sum_i (1/T_i) sum_{t>=1} L_{i,t}, the paper's)."""
+    loss_agg = loss_agg or ("seq-mean" if alpha is None else "token-mean")
     B, T = mask.shape
     L = {}
     for i in range(B):
@@ -19,11 +23,19 @@ def official_loss(logp, old_logp, adv, mask, alpha, eps=0.2):
                 rho = math.exp(logp[i, t].item() - old_logp[i, t].item())
                 a = adv[i].item()
                 L[i, t] = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    first = 0 if alpha is None else 1  # vanilla: the control token is one more response token
+    tokens = {i: [v for (j, t), v in L.items() if j == i and t >= first] for i in range(B)}
+    if loss_agg == "seq-mean":
+        term = mean([mean(tokens[i]) for i in range(B)])
+    else:
+        term = mean([v for i in range(B) for v in tokens[i]])
     if alpha is None:
-        return sum(L.values()) / len(L)
-    control = [v for (i, t), v in L.items() if t == 0]
-    answer = [v for (i, t), v in L.items() if t >= 1]
-    return alpha * sum(control) / len(control) + sum(answer) / len(answer)
+        return term
+    return alpha * mean([L[i, 0] for i in range(B)]) + term
 
 
 def random_case(B, T, seed):
@@ -39,21 +51,57 @@ def random_case(B, T, seed):
 
 @pytest.mark.parametrize("B,T,seed", [(4, 7, 0), (8, 33, 1), (3, 2, 2), (16, 5, 3)])
 @pytest.mark.parametrize("alpha", [None, 0.001, 1.0])
-def test_policy_loss_matches_official_formula(B, T, seed, alpha):
+@pytest.mark.parametrize("loss_agg", [None, "seq-mean", "token-mean"])
+def test_policy_loss_matches_official_formula(B, T, seed, alpha, loss_agg):
     logp, old, adv, mask = random_case(B, T, seed)
-    loss, clip_frac = policy_loss(logp, old, adv, mask, alpha=alpha)
-    assert loss.item() == pytest.approx(official_loss(logp, old, adv, mask, alpha), rel=1e-5, abs=1e-7)
+    loss, clip_frac = policy_loss(logp, old, adv, mask, alpha=alpha, loss_agg=loss_agg)
+    assert loss.item() == pytest.approx(official_loss(logp, old, adv, mask, alpha, loss_agg=loss_agg), rel=1e-5, abs=1e-7)
     assert 0 < clip_frac.item() < 1
 
 
-def test_global_denominators_split_equals_whole():
-    """Summing micro-batch losses normalised by the step's counts gives the whole-batch loss."""
+def test_default_aggregation_is_the_papers_for_vanilla_and_the_official_codes_for_degrpo():
+    logp, old, adv, mask = random_case(8, 9, 4)
+    for alpha, default in ((None, "seq-mean"), (0.01, "token-mean")):
+        assert policy_loss(logp, old, adv, mask, alpha=alpha)[0] == policy_loss(logp, old, adv, mask, alpha=alpha,
+                                                                                loss_agg=default)[0]
+    assert policy_loss(logp, old, adv, mask, alpha=None, loss_agg="token-mean")[0] != policy_loss(
+        logp, old, adv, mask, alpha=None, loss_agg="seq-mean")[0]  # lengths differ: the two are not the same
+    with pytest.raises(ValueError, match="loss_agg"):
+        policy_loss(logp, old, adv, mask, loss_agg="sample-mean")
+
+
+@pytest.mark.parametrize("alpha", [None, 0.001])
+@pytest.mark.parametrize("loss_agg", ["seq-mean", "token-mean"])
+def test_global_denominators_split_equals_whole(alpha, loss_agg):
+    """Summing micro-batch losses normalised by the step's counts gives the whole-batch loss: the
+    per-response 1/T_i of seq-mean is local to a row, its 1/n is the step's number of responses."""
     logp, old, adv, mask = random_case(8, 9, 5)
-    whole, _ = policy_loss(logp, old, adv, mask, alpha=0.001)
-    n_seqs, n_tokens = mask[:, 0].sum().item(), mask[:, 1:].sum().item()
-    parts = sum(policy_loss(logp[s], old[s], adv[s], mask[s], alpha=0.001, num_seqs=n_seqs, num_tokens=n_tokens)[0]
-                for s in (slice(0, 3), slice(3, 4), slice(4, 8)))
+    whole, _ = policy_loss(logp, old, adv, mask, alpha=alpha, loss_agg=loss_agg)
+    n_seqs = mask[:, 0].sum().item()
+    n_tokens = mask.sum().item() if alpha is None else mask[:, 1:].sum().item()
+    parts = sum(policy_loss(logp[s], old[s], adv[s], mask[s], alpha=alpha, num_seqs=n_seqs, num_tokens=n_tokens,
+                            loss_agg=loss_agg)[0] for s in (slice(0, 3), slice(3, 4), slice(4, 8)))
     torch.testing.assert_close(parts, whole)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean", "token-mean"])
+def test_vanilla_token_weights_on_policy(loss_agg):
+    """On-policy (rho = 1, no clipping) vanilla GRPO is REINFORCE with a baseline: the gradient ascends
+    A_i x w_i x grad log p of every token of response i, control token c_i included, with
+    w_i = 1/(n (T_i+1)) under seq-mean (a long response moves the mode choice less) and 1/N under
+    token-mean (the same for every response)."""
+    logp, _, adv, mask = random_case(6, 12, 8)
+    lengths = mask.sum(1)  # T_i + 1 tokens per response
+    assert len(set(lengths.tolist())) > 2
+    lp = logp.clone().requires_grad_(True)
+    loss, clip_frac = policy_loss(lp, logp.detach(), adv, mask, alpha=None, clip_eps=1e9, loss_agg=loss_agg)
+    loss.backward()
+    n, N = len(adv), mask.sum()
+    w = 1 / (n * lengths) if loss_agg == "seq-mean" else torch.full((n,), 1 / N.item())
+    torch.testing.assert_close(-lp.grad[:, 0], adv * w)  # the control token: A_i / (n (T_i+1)) or A_i / N
+    torch.testing.assert_close(-lp.grad, (adv * w)[:, None] * mask)
+    assert loss.item() == pytest.approx(-(adv * w * lengths).sum().item(), rel=1e-6)
+    assert clip_frac.item() == 0
 
 
 def test_control_gradient_scales_with_alpha():
@@ -65,26 +113,6 @@ def test_control_gradient_scales_with_alpha():
         grads.append(lp.grad)
     torch.testing.assert_close(grads[1][:, 0], 10 * grads[0][:, 0])  # control column: linear in alpha
     torch.testing.assert_close(grads[1][:, 1:], grads[0][:, 1:])  # answer tokens: untouched
-
-
-def test_reduces_to_policy_gradient_when_on_policy():
-    """ratios 1 and no clipping: grad of the loss = -(1/N) sum_t A_i grad logp (REINFORCE with a baseline)."""
-    logp, _, adv, mask = random_case(5, 6, 9)
-    lp = logp.clone().requires_grad_(True)
-    loss, clip_frac = policy_loss(lp, logp.detach(), adv, mask, alpha=None, clip_eps=1e9)
-    loss.backward()
-    assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / mask.sum().item(), rel=1e-6)
-    torch.testing.assert_close(lp.grad, -adv[:, None].expand_as(lp) * mask / mask.sum())
-    assert clip_frac.item() == 0
-
-
-def test_per_sample_normalisation():
-    logp, old, adv, mask = random_case(4, 8, 11)
-    loss, _ = policy_loss(logp, old, adv, mask, alpha=0.0, per_sample=True)
-    ratio = torch.exp(logp - old)
-    L = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) * mask
-    expected = sum(L[i, 1:].sum() / max(mask[i, 1:].sum(), 1) for i in range(4)) / 4
-    torch.testing.assert_close(loss, expected)
 
 
 def test_group_advantages():
@@ -158,8 +186,9 @@ def test_trainer_logprobs_are_the_samplers():
             assert (gap < 1e-5) == expect_equal, (vocab_size, gap)
 
 
-def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches():
-    """One update (on-policy: ratio 1): loss = the official policy loss + beta * mean_tokens(k3 KL)
+@pytest.mark.parametrize("alpha,loss_agg", [(0.001, None), (None, None), (0.001, "seq-mean"), (None, "token-mean")])
+def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches(alpha, loss_agg):
+    """One update (on-policy: ratio 1): loss = the policy loss of THINKLESS.md + beta * mean_tokens(k3 KL)
     - h * mean_tokens(entropy), the means over all response tokens of the step; the same loss and
     gradient with one micro-batch or many."""
     from degrpo import Rollout, RLConfig, response_logprobs, rl_update
@@ -176,8 +205,8 @@ def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches
     results = []
     for budget in (1000, 12):  # one micro-batch, then one or two sequences at a time
         policy = tiny_model(0)
-        cfg = RLConfig(group_size=G, temperature=0.8, alpha=0.001, beta=0.3, entropy_coef=0.2, updates_per_rollout=1,
-                       micro_batch_tokens=budget)
+        cfg = RLConfig(group_size=G, temperature=0.8, alpha=alpha, beta=0.3, entropy_coef=0.2, updates_per_rollout=1,
+                       micro_batch_tokens=budget, loss_agg=loss_agg)
         opt = torch.optim.SGD(policy.parameters(), lr=0.0)
         grads = {}
         opt.step = lambda: grads.update({n: p.grad.clone() for n, p in policy.named_parameters()})
@@ -192,7 +221,7 @@ def test_rl_update_is_the_formula_with_kl_and_entropy_whatever_the_micro_batches
     tokens = [(i, t) for i in range(8) for t in range(len(responses[i]))]
     kl = sum(math.exp(ref_logp[i, t] - logp[i, t]) - (ref_logp[i, t] - logp[i, t]) - 1 for i, t in tokens) / len(tokens)
     ent = sum(entropy[i, t].item() for i, t in tokens) / len(tokens)
-    expected = official_loss(logp, logp, adv, mask, 0.001) + 0.3 * kl - 0.2 * ent
+    expected = official_loss(logp, logp, adv, mask, alpha, loss_agg=loss_agg) + 0.3 * kl - 0.2 * ent
     assert kl > 1e-3 and ent > 0.1  # both terms matter in this case
     for loss, grads in results:
         assert loss == pytest.approx(float(expected), rel=1e-6)  # the stacked log-probs are fp32
@@ -274,3 +303,19 @@ def test_rollouts_are_graded_in_parallel(monkeypatch):
                                eos_id=0, vocab_size=40)
     assert r.rewards.tolist() == [float(t[0] % 2) for t in r.responses]  # each reward with its own response
     assert [d["correct"] for d in r.details] == ["a", "a", "b", "b"] and r.prompts == [[1, 2, 3]] * 2 + [[4, 5]] * 2
+
+
+def test_rollout_metrics_count_think_per_level_and_malformed():
+    from degrpo import Rollout, rollout_metrics
+
+    modes = ["think", "short", None, "think", "short", "short", "think", "think"]
+    levels = ["1", "1", "1", "1", "Level 5", "Level 5", "Level 5", "Level 5"]  # groups of 4, any labels
+    format_ok = [True, True, False, False, True, True, True, True]  # None mode, then an unclosed chain
+    details = [{"mode": m, "correct": True, "format_ok": ok, "level": lv} for m, ok, lv in zip(modes, format_ok, levels)]
+    rollout = Rollout([[0]] * 8, [[1, 2]] * 8, [[0.0, 0.0]] * 8, torch.zeros(8), details, torch.zeros(8, dtype=torch.bool))
+    m = rollout_metrics(rollout, 4, "cpu", level_names=["1", "Level 5", "unseen"])
+    assert m["think_by_level"] == {"1": 2, "Level 5": 2, "unseen": 0}
+    assert m["samples_by_level"] == {"1": 4, "Level 5": 4, "unseen": 0}
+    assert (m["think"], m["short"], m["malformed"], m["samples"]) == (4, 3, 2, 8)
+    plain = rollout_metrics(rollout, 4, "cpu")  # no level names: no per-level keys
+    assert "think_by_level" not in plain and plain["think"] == 4

@@ -1,6 +1,7 @@
 """The toy task: tokenizer round trips, experts checked by independent arithmetic, level design,
 data files, and the tiny model against transformers."""
 
+import dataclasses
 import json
 import os
 import random
@@ -38,9 +39,14 @@ def test_chat_and_control_tokens_are_single_tokens(tok):
     assert tok.get_vocab_size() < 64  # tiny: characters, \boxed{ and the chat/control tokens
 
 
-def test_round_trip_is_exact(tok):
-    for p in problems():
-        for response in (toy.think_expert(p["problem"]), toy.short_expert(p["problem"])):
+@pytest.mark.parametrize("name", list(toy.PRESETS))
+def test_round_trip_is_exact(name):
+    task = toy.PRESETS[name].task
+    tok = toy.build_tokenizer(chars=task.chars)
+    rng = random.Random(0)
+    for p in [task.make_problem(rng, level) for _ in range(50) for level in range(1, task.levels + 1)]:
+        for response in (task.think_expert(p["problem"]), task.short_expert(p["problem"]),
+                         task.short_expert(p["problem"], careless=True)):
             text = toy.prompt_text(p["problem"]) + response + toy.EOS
             ids = tok.encode(text, add_special_tokens=False).ids
             assert tok.decode(ids, skip_special_tokens=False) == text
@@ -123,30 +129,45 @@ def test_bad_input_is_refused():
 # Data files and model
 
 
-def test_data_files(tmp_path):
-    paths = toy.write_toy_data(tmp_path, seed=5, sft_prompts=400, rl_prompts=200, test_per_level=25)
+@pytest.mark.parametrize("name", list(toy.PRESETS))
+def test_data_files(tmp_path, name):
+    task = toy.PRESETS[name].task
+    n_sft = 400 * task.levels  # 400 prompts a level: enough to see how often the short expert is right
+    paths = toy.write_toy_data(tmp_path, seed=5, sft_prompts=n_sft, rl_prompts=200, test_per_level=25, task=task)
     sft = [json.loads(line) for line in open(paths["sft"])]
     rl = [json.loads(line) for line in open(paths["rl"])]
     test = [json.loads(line) for line in open(paths["test"])]
-    assert len(sft) == 800 and len(rl) == 200 and len(test) == 25 * toy.LEVELS
-    # both experts' answers for every SFT prompt
-    modes = {}
+    assert len(sft) == 2 * n_sft and len(rl) == 200 and len(test) == 25 * task.levels
+    # both experts' answers for every SFT prompt; the think expert always right, the short one right
+    # as often as task.short_right says (checked by independent arithmetic)
+    modes, short_right = {}, {lv: [] for lv in range(1, task.levels + 1)}
     for r in sft:
         modes.setdefault(r["prompt"], []).append(r["response"][:7])
-        assert r["response"] in (toy.think_expert(r["prompt"]), toy.short_expert(r["prompt"]))
-    assert all(sorted(m) == ["<short>", "<think>"] for m in modes.values()) and len(modes) == 400
+        vals = values_of(r["prompt"])
+        answer = re.fullmatch(r"<(?:think|short)>.*\\boxed\{(\d)\}", r["response"]).group(1)
+        if r["response"].startswith("<think>"):
+            assert r["response"] == task.think_expert(r["prompt"]) and answer == str(sum(vals) % 10)
+        else:
+            level = task.nonzero.index(sum(v != 0 for v in vals)) + 1
+            short_right[level].append(answer == str(sum(vals) % 10))
+            if answer != str(sum(vals) % 10):  # the slip: only the first nonzero number
+                assert answer == str(next(v for v in vals if v))
+    assert all(sorted(m) == ["<short>", "<think>"] for m in modes.values()) and len(modes) == n_sft
+    expected = task.short_right or (1.0,) * task.levels
+    for lv, right in short_right.items():
+        assert abs(sum(right) / len(right) - expected[lv - 1]) < 0.08, (lv, sum(right) / len(right))
     for p in rl + test:
         assert p["answer"] == str(sum(values_of(p["problem"])) % 10)
-    assert [sum(p["level"] == lv for p in test) for lv in range(1, toy.LEVELS + 1)] == [25] * toy.LEVELS
+    assert [sum(p["level"] == lv for p in test) for lv in range(1, task.levels + 1)] == [25] * task.levels
     sft_p, rl_p, test_p = set(modes), {p["problem"] for p in rl}, {p["problem"] for p in test}
     assert len(rl_p) == len(rl) and len(test_p) == len(test)
     assert not (test_p & sft_p) and not (test_p & rl_p) and not (rl_p & sft_p)
     # the same seed writes the same files
-    again = toy.write_toy_data(tmp_path / "again", seed=5, sft_prompts=400, rl_prompts=200, test_per_level=25)
+    again = toy.write_toy_data(tmp_path / "again", seed=5, sft_prompts=n_sft, rl_prompts=200, test_per_level=25, task=task)
     assert all(open(paths[k]).read() == open(again[k]).read() for k in paths)
     # and the project's readers accept them
     sft_mod = pytest.importorskip("sft")
-    assert len(sft_mod.read_sft_jsonl(paths["sft"])) == 800
+    assert len(sft_mod.read_sft_jsonl(paths["sft"])) == 2 * n_sft
 
 
 def test_tiny_model_matches_transformers(tok, tmp_path):
@@ -175,6 +196,63 @@ def test_plot_history(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="levels"):
         toy.plot_history([(0, {})], path)
+
+
+# -----------------------------------------------------------------------------
+# The presets: what each regime promises, checked without training
+
+
+def test_long_think_answers_are_20x_short_ones():
+    """The long regime's length imbalance is of the paper's order: every think answer at least 20x
+    the tokens of a short one (end of sentence counted in both), on every level."""
+    task = toy.PRESETS["long"].task
+    tok = toy.build_tokenizer(chars=task.chars)
+    rng = random.Random(4)
+    n_tokens = lambda text: len(tok.encode(text + toy.EOS, add_special_tokens=False).ids)
+    for level in range(1, task.levels + 1):
+        for p in [task.make_problem(rng, level) for _ in range(50)]:
+            think, short = n_tokens(task.think_expert(p["problem"])), n_tokens(task.short_expert(p["problem"]))
+            assert think >= 20 * short, (p, think, short)
+
+
+def test_long_experts_are_correct_by_independent_arithmetic():
+    task = toy.PRESETS["long"].task
+    rng = random.Random(6)
+    for level in range(1, task.levels + 1):
+        for p in [task.make_problem(rng, level) for _ in range(100)]:
+            vals, letters = values_of(p["problem"]), re.findall(r"([a-j])=", p["problem"])
+            assert len(vals) == task.slots == len(set(letters)) and sum(v != 0 for v in vals) == task.nonzero[level - 1]
+            assert p["answer"] == str(sum(vals) % 10)
+            m = re.fullmatch(r"<think>(.*)</think>\\boxed\{(\d)\}", task.think_expert(p["problem"]))
+            assert m and m.group(2) == p["answer"]
+            words = m.group(1).split(" ")
+            for i in range(task.slots):  # step i: "letter=value previous+value=running sum"
+                prev, total = sum(vals[:i]) % 10, sum(vals[:i + 1]) % 10
+                assert words[2 * i: 2 * i + 2] == [f"{letters[i]}={vals[i]}", f"{prev}+{vals[i]}={total}"]
+            assert task.short_expert(p["problem"]) == f"<short>\\boxed{{{p['answer']}}}"
+            first = next(v for v in vals if v)
+            assert task.short_expert(p["problem"], careless=True) == f"<short>\\boxed{{{first}}}"
+
+
+@pytest.mark.parametrize("name", list(toy.PRESETS))
+def test_preset_fits_its_model_and_flags(name):
+    """Every answer fits max_new_tokens, every pair the warm-up's max_len and the model's positions;
+    train.py takes the preset's name and refuses a flag the preset sets itself."""
+    import train
+
+    preset = toy.PRESETS[name]
+    task = preset.task
+    tok = toy.build_tokenizer(chars=task.chars)
+    p = task.make_problem(random.Random(0), task.levels)
+    prompt = len(tok.encode(toy.prompt_text(p["problem"]), add_special_tokens=False).ids)
+    think = len(tok.encode(task.think_expert(p["problem"]) + toy.EOS, add_special_tokens=False).ids)
+    assert think <= preset.rl["max_new_tokens"] and prompt + think <= preset.sft["max_len"]
+    assert prompt + preset.rl["max_new_tokens"] <= preset.max_positions
+    assert train.parse_args(["--preset", name]).preset == name
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", name, "--lr", "0.1"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "no-such-preset"])
 
 
 # -----------------------------------------------------------------------------
@@ -215,9 +293,9 @@ def short_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("toy")
     patch = pytest.MonkeyPatch()
-    patch.setattr(toy, "SFT_OVERRIDES", dict(toy.SFT_OVERRIDES, steps=1000, save_every=1000))
-    patch.setattr(toy, "RL_OVERRIDES", dict(toy.RL_OVERRIDES, steps=60, save_every=1000))
-    patch.setattr(toy, "PROBE_EVERY", 30)
+    preset = toy.PRESETS["toy"]
+    patch.setitem(toy.PRESETS, "toy", dataclasses.replace(preset, sft=dict(preset.sft, steps=1000, save_every=1000),
+                                                          rl=dict(preset.rl, steps=60, save_every=1000), probe_every=30))
     try:
         summary = toy.run_demo(train.parse_args(["--out", str(out)]))
     finally:
@@ -251,11 +329,12 @@ def test_trained_checkpoint_greedy_matches_transformers(short_run, tok):
     prompts = [chat.encode_prompt(tok, p["problem"], instruction=False) for p in test]
     assert len({len(p) for p in prompts}) == 1  # toy prompts share one length: one batch, no padding
     eos = tok.token_to_id(toy.EOS)
-    ours = generate(Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), prompts, toy.MAX_NEW_TOKENS,
+    max_new_tokens = toy.PRESETS["toy"].rl["max_new_tokens"]
+    ours = generate(Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), prompts, max_new_tokens,
                     temperature=0, stop_ids=(eos,))
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = hf.generate(torch.tensor(prompts), max_new_tokens=toy.MAX_NEW_TOKENS, do_sample=False,
+        ref = hf.generate(torch.tensor(prompts), max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=eos, pad_token_id=eos)
     modes = set()
     for i, row in enumerate(ref[:, len(prompts[0]):].tolist()):

@@ -216,15 +216,24 @@ def sft_model(assets, tmp_path_factory):
     return out / "step_000006"
 
 
-def test_two_ranks_equal_one_rank_rl(assets, sft_model, tmp_path):
-    train_py(rl_args(assets, sft_model, tmp_path / "one"))
-    output = train_py(rl_args(assets, sft_model, tmp_path / "two"), nproc=2)
+@pytest.mark.parametrize("method", [[], ["--alpha", "none"]], ids=["degrpo", "vanilla-seq-mean"])
+def test_two_ranks_equal_one_rank_rl(assets, sft_model, tmp_path, method):
+    """DeGRPO, and vanilla GRPO's seq-mean, whose 1/n counts the responses of the whole step while
+    each response's 1/(T_i+1) is its own: the same step on 2 ranks as on one, the same metrics."""
+    train_py(rl_args(assets, sft_model, tmp_path / "one") + method)
+    output = train_py(rl_args(assets, sft_model, tmp_path / "two") + method, nproc=2)
     assert "Warning" not in output, output
     a, b = tmp_path / "one" / "step_000002", tmp_path / "two" / "step_000002"
     assert_same_weights(a, b, atol=1e-5)
     # and the step did change the weights
     diff = max((weights(a)[k] - weights(sft_model)[k]).abs().max().item() for k in weights(a))
     assert diff > 1e-4
+    # the counts, per level too (the data has levels 1-3), are summed over the ranks
+    one, two = ([json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two"))
+    for m1, m2 in zip(one, two):
+        for key in ("samples", "think", "malformed", "think_by_level", "samples_by_level"):
+            assert m1[key] == m2[key], key
+        assert set(m1["samples_by_level"]) == {"1", "2", "3"} and sum(m1["samples_by_level"].values()) == 16
 
 
 def test_resume_is_exact(assets, sft_model, tmp_path):
@@ -259,7 +268,7 @@ def test_rl_checkpoints_load_in_transformers(assets, sft_model, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for key in ("reward", "think", "short", "acc_think", "acc_short", "groups_all_correct", "groups_all_wrong",
                 "response_len", "response_len_max", "truncated_frac", "clip_frac", "kl", "entropy", "grad_norm",
-                "logp_gap", "rollout_time", "update_time"):
+                "logp_gap", "rollout_time", "update_time", "malformed", "think_by_level", "samples_by_level"):
         assert key in metrics[-1], key
     assert metrics[-1]["think"] + metrics[-1]["short"] <= metrics[-1]["samples"] == 16
 
