@@ -265,12 +265,13 @@ def test_demo_rerun_starts_over_and_refuses_a_foreign_folder(tmp_path, monkeypat
     import train
     from checkpoint import RunError
 
-    monkeypatch.setattr(toy, "SFT_OVERRIDES", dict(toy.SFT_OVERRIDES, steps=2, batch_size=8, save_every=1000))
-    monkeypatch.setattr(toy, "RL_OVERRIDES", dict(toy.RL_OVERRIDES, steps=1, batch_size=4, group_size=2))
-    monkeypatch.setattr(toy, "PROBE_EVERY", 1000)
+    preset = toy.PRESETS["toy"]
+    monkeypatch.setitem(toy.PRESETS, "toy", dataclasses.replace(
+        preset, sft=dict(preset.sft, steps=2, batch_size=8, save_every=1000),
+        rl=dict(preset.rl, steps=1, batch_size=4, group_size=2), probe_every=1000))
     real = toy.write_toy_data
-    monkeypatch.setattr(toy, "write_toy_data", lambda out, seed: real(out, seed, sft_prompts=64, rl_prompts=64,
-                                                                        test_per_level=4))
+    monkeypatch.setattr(toy, "write_toy_data", lambda out, seed, task: real(out, seed, sft_prompts=64, rl_prompts=64,
+                                                                              test_per_level=4, task=task))
     out = tmp_path / "demo"
     for _ in range(2):
         toy.run_demo(train.parse_args(["--out", str(out)]))
