@@ -93,7 +93,6 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -103,8 +102,8 @@ import eval as evaluation
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig, Transformer
 
-LETTERS = "abcdefghij"
 BOXED = "\\boxed{"
+LETTERS = "abcdefghij"
 
 
 def prompt_text(problem: str) -> str:
@@ -116,7 +115,7 @@ def prompt_text(problem: str) -> str:
 # The task and its two experts
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Task:
     """Problems of `slots` one-digit numbers named by distinct letters; on level L only nonzero[L-1]
     of them are nonzero; the answer is the last digit of their sum."""
@@ -248,7 +247,7 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 # The recipes (train.py --preset NAME) and their plot
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Preset:
     """What differs between the toy regimes; run_demo reads it."""
     task: Task
