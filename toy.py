@@ -60,31 +60,46 @@ RL has nothing to improve in the short mode. This regime changes exactly those t
     short: "<short>\\boxed{4}"                                             4 tokens (26x; 21x with EOS)
   - Length: ten numbers (all ten letters, in random order), and every thinking step written out in
     full, the term and then the addition with the running sum: "b=4 0+4=4". The extra tokens are
-    copies at fixed distances, so the chain stays as easy to learn per step as the toy's; it is just
-    long, as a reasoning model's is. Under a mean per response (the paper's vanilla GRPO) the control
+    copies at fixed distances, so the chain is long, as a reasoning model's is, and still learned
+    within the warm-up (measured below). Under a mean per response (the paper's vanilla GRPO) the control
     token of a think answer then weighs 1/105 of its response, a short answer's 1/5.
   - Level 1 is a lookup of the one nonzero number: short is reliable after the warm-up. Level 3 is
     a sum of ten digits in one go: short stays near chance (10%), thinking pays (section 8).
   - Level 2, the middle: the short expert is right on half of its problems; on the other half it
     slips and answers the first nonzero number only, dropping the second (an instruction model
     that fails on medium problems the reasoning model solves). The student learns both answers, so
-    after the warm-up its short accuracy there is about 0.5 < 0.75 p_think: at first, thinking
-    pays. But the right answer is in its repertoire (half of level 2's short data teaches it), and
-    RL rewards the right one of the two: short accuracy can rise above 0.75 during RL, and then
-    short pays. So level 2's think share can rise, then fall.
+    after the warm-up its short accuracy there is well below 0.75 p_think (a third to a half,
+    measured below): at first, thinking pays. But the right answer is in its repertoire (half
+    of level 2's short data teaches it), and RL rewards the right one of the two: short accuracy
+    can rise above 0.75 during RL, and then short pays. So level 2's think share can rise, then fall.
     (Why not a level at the edge of what the warm-up learns, like the toy's level 3: that edge is a
     jump (0.13 to 0.99 between 1000 and 1500 steps on seed 1) and RL's lr is 30x below the
-    warm-up's. The careless expert sets the short accuracy by the data, on any seed.)
+    warm-up's. The careless expert keeps level 2's short accuracy low by the data itself.)
   - The model is the toy's (2 layers, hidden 64) with max_position_embeddings 256 (prompt 42 tokens
     + the 105-token think answer); tokenizer: the toy's plus "+" (33 ids).
-Measured warm-up (the toy's loop and recipe, 2000 steps; ONE CPU thread on a 2-core machine shared
-with other jobs; forced mode, greedy / temperature 0.6; 100 held-out test problems per level; seed 1):
-    SFT steps    think accuracy, level 1..3    short accuracy, level 1..3    p(<think>) first token
-                 greedy                        greedy / T 0.6
-     500         1.00 0.93 0.58                0.68 0.06 0.09 / -
-    1000         1.00 0.95 0.96                1.00 0.60 0.08 / 0.98 0.47 0.11      0.42
-RL from the 1000-step warm-up (DeGRPO alpha 1, the preset's RL recipe): after 25 steps level 2's
-short accuracy (forced, T 0.6) is 0.74, up from 0.47; think ratio per level 0.54 / 0.61 / 0.68.
+Measured warm-up (the toy's loop and recipe; ONE CPU thread; forced mode, greedy / temperature 0.6;
+100 held-out test problems per level; seed 1 for write_toy_data and the init):
+    SFT steps   think accuracy, level 1..3    short accuracy, level 1..3          p(<think>) first token
+                greedy / T 0.6                greedy / T 0.6                      level 1..3
+     500        1.00 0.93 0.58 / 1.00 0.94 0.53   0.68 0.06 0.09 / 0.47 0.09 0.11   0.50 0.50 0.50
+    1000        1.00 0.95 0.96 / 1.00 0.94 0.94   1.00 0.60 0.08 / 0.98 0.47 0.11   0.42 0.42 0.42
+    1500        1.00 1.00 1.00 / 1.00 1.00 1.00   1.00 0.27 0.11 / 0.99 0.29 0.13   0.46 0.46 0.46
+    2000        1.00 1.00 1.00 / 1.00 1.00 1.00   1.00 0.32 0.06 / 1.00 0.33 0.09   0.51 0.52 0.52
+Tokens per mode (end of sentence not counted): think 104.0-104.6, short 4.0, on every checkpoint.
+After the 2000 steps: thinking is always right; short is right on level 1 and near chance on level 3;
+on level 2 it is right a third of the time (the student leans to the slip), well
+below 0.75 p_think. The warm-up took 470 s of CPU on one thread of a machine shared with several
+other jobs (so less on a quiet one); 1500 steps give the same properties.
+RL from that warm-up (DeGRPO alpha 1, the preset's RL recipe, seed 1; T 0.6 on the 300 test problems):
+    RL step   short accuracy (forced), level 1..3   think ratio (free choice), level 1..3   tokens
+       0      1.00 0.33 0.09                        0.51 0.52 0.52 (p(<think>))             -
+      25      1.00 0.90 0.11                        0.65 0.72 0.81                          76.7
+      50      1.00 0.95 0.10                        0.32 0.48 0.94                          62.0
+      100      1.00 1.00 0.09                        0.03 0.08 0.98                          40.3
+     200      1.00 1.00 0.09                        0.01 0.00 0.98                          37.0
+Level 2's short answers become reliable within 25 RL steps, and its think share rises, then falls
+(so, in this run, does level 1's). The 200 RL steps took 232 s of CPU on one thread (shared machine),
+probes (600 evaluations every 25 steps) included.
 """
 
 import dataclasses
@@ -94,7 +109,6 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -105,8 +119,8 @@ from checkpoint import RunError
 from chat import ASSISTANT, BOS, END_THINK, EOS, SHORT, THINK, USER  # the real model's template tokens
 from model import ModelConfig, Transformer
 
-LETTERS = "abcdefghij"
 BOXED = "\\boxed{"
+LETTERS = "abcdefghij"
 
 
 def prompt_text(problem: str) -> str:
@@ -118,7 +132,7 @@ def prompt_text(problem: str) -> str:
 # The task and its two experts
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Task:
     """Problems of `slots` one-digit numbers named by distinct letters; on level L only nonzero[L-1]
     of them are nonzero; the answer is the last digit of their sum."""
@@ -151,7 +165,8 @@ class Task:
         terms = problem.split(" ")
         ok = len(terms) == self.slots and all(re.fullmatch(f"[{LETTERS}]=[0-9]", t) for t in terms)
         if not ok or len({t[0] for t in terms}) != self.slots:
-            raise ValueError(f"problem {problem!r}: expected {self.slots} terms 'x=D' with distinct letters from {LETTERS}")
+            raise ValueError(f"problem {problem!r}: expected {self.slots} terms 'x=D' with distinct letters "
+                             f"from {LETTERS}")
         return [(t[0], int(t[2])) for t in terms]
 
     def think_expert(self, problem: str) -> str:
@@ -178,7 +193,8 @@ def is_equivalent(answer: str, ground_truth: str) -> bool:
 TOY = Task(slots=6, nonzero=(1, 2, 3, 6))
 # The default task's functions and constants under their first names (tests and examples use them).
 SLOTS, NONZERO, LEVELS = TOY.slots, TOY.nonzero, TOY.levels
-make_problem, parse_problem, think_expert, short_expert = TOY.make_problem, TOY.parse_problem, TOY.think_expert, TOY.short_expert
+make_problem, parse_problem = TOY.make_problem, TOY.parse_problem
+think_expert, short_expert = TOY.think_expert, TOY.short_expert
 
 
 # -----------------------------------------------------------------------------
@@ -250,13 +266,13 @@ def write_toy_data(out_dir, seed: int = 0, sft_prompts: int = 8000, rl_prompts: 
 # The recipes (train.py --preset NAME) and their plot
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Preset:
     """What differs between the toy regimes; run_demo reads it."""
     task: Task
     sft: dict  # train.TrainConfig fields of the warm-up
     rl: dict  # train.TrainConfig fields of RL (max_new_tokens included)
-    alpha: str  # DeGRPO's control-token weight; not in `rl`, so that --alpha (none: vanilla GRPO) still reaches train.py
+    alpha: str  # DeGRPO's control-token weight; not in `rl`, so that --alpha (none: vanilla GRPO) reaches train.py
     max_positions: int  # the model's max_position_embeddings: prompt + the longest answer
     probe_problems: int = 100  # held-out problems measured every probe_every RL steps for the plot
     probe_every: int = 5
