@@ -170,7 +170,8 @@ def test_default_flags_checkpoint_activations():
     104 kB a token, 95 GB for a 32k-token micro-batch of the 1.5B model). The toy keeps them all."""
     assert train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
     assert train.parse_args(["--model", "m", "--data", "d", "--no-grad-checkpointing"]).grad_checkpointing is False
-    assert toy.SFT_OVERRIDES["grad_checkpointing"] is False and toy.RL_OVERRIDES["grad_checkpointing"] is False
+    for preset in toy.PRESETS.values():
+        assert preset.sft["grad_checkpointing"] is False and preset.rl["grad_checkpointing"] is False
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=224, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, dtype="float32")
     default = train.parse_args(["--model", "m", "--data", "d"]).grad_checkpointing
@@ -463,11 +464,11 @@ def test_resume_compares_every_config_field(tmp_path):
             claim(cfg, dict(cfg, **change))
     with pytest.raises(checkpoint.RunError, match="sft's cosine lr schedule"):  # --steps: rl only
         claim(dict(cfg, stage="sft"), dict(cfg, stage="sft", steps=20))
-    # a field this version has and the saved run lacks (say a new --compile): its default, or refused
-    defaults = dict(dataclasses.asdict(train.TrainConfig()), compile=False)
-    assert "--compile is not in the saved config" in claim(cfg, dict(cfg, compile=False), defaults)[1][0]
-    with pytest.raises(checkpoint.RunError, match="--compile True, the saved run has <absent>"):
-        claim(cfg, dict(cfg, compile=True), defaults)
+    # a field this version has and the saved run lacks (say a flag added later): its default, or refused
+    defaults = dict(dataclasses.asdict(train.TrainConfig()), new_flag=False)
+    assert "--new-flag is not in the saved config" in claim(cfg, dict(cfg, new_flag=False), defaults)[1][0]
+    with pytest.raises(checkpoint.RunError, match="--new-flag True, the saved run has <absent>"):
+        claim(cfg, dict(cfg, new_flag=True), defaults)
     with pytest.raises(checkpoint.RunError, match="--old-flag was 1 in the saved run; this version has no such flag"):
         claim(dict(cfg, old_flag=1), cfg)
 
