@@ -38,7 +38,7 @@ import torch
 import official_score
 from chat import (control_ids, decode_response, encode_prompt, load_tokenizer, prefilled_mode, resolve_model,
                   tokenizer_vocab_size)
-from model import Transformer
+from model import Transformer, load_config
 from rewards import reward_details, score
 from sampler import generate
 
@@ -244,13 +244,17 @@ def main(argv=None):
                     help="torch.compile the decode step, with CUDA graphs (for a GPU; slower on a CPU)")
     args = ap.parse_args(argv)
 
-    benchmarks = {}
-    for path in args.data:  # all files checked before the model is loaded
-        name = os.path.splitext(os.path.basename(path))[0]
-        benchmarks[name] = load_problems(path)[:args.limit]
+    try:  # every input checked before the model is loaded; a mistake is one line, not a traceback
+        benchmarks = {}
+        for path in args.data:
+            name = os.path.splitext(os.path.basename(path))[0]
+            benchmarks[name] = load_problems(path)[:args.limit]
+        model_dir = resolve_model(args.model)
+        load_config(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
+        raise SystemExit(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model_dir = resolve_model(args.model)
-    tokenizer = load_tokenizer(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=args.device).eval()
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"eval: {vars(args)}", file=sys.stderr)

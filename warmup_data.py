@@ -179,21 +179,23 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     args = ap.parse_args(argv)
 
-    # bad input fails here, before a model is loaded
-    if args.max_len < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        raise ValueError(f"--max-len {args.max_len} / --max-new-tokens {args.max_new_tokens}: expected >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: expected >= 1")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out {args.out}: folder {out_dir} does not exist")
-    questions = load_prompts(args.prompts)[:args.limit]
-    args.think_model, args.short_model = resolve_model(args.think_model), resolve_model(args.short_model)
-    for d in (args.think_model, args.short_model):  # the second expert runs after hours of the first
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            raise FileNotFoundError(f"{d}: no config.json (expected a checkpoint folder)")
-    student_tokenizer = load_expert_tokenizer(args.think_model, THINK_STOPS)[0]
-    load_expert_tokenizer(args.short_model, SHORT_STOPS)
+    try:  # bad input fails here, before a model is loaded: one line, not a traceback
+        if args.max_len < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+            raise ValueError(f"--max-len {args.max_len} / --max-new-tokens {args.max_new_tokens}: expected >= 1")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit {args.limit}: expected >= 1")
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"--out {args.out}: folder {out_dir} does not exist")
+        questions = load_prompts(args.prompts)[:args.limit]
+        args.think_model, args.short_model = resolve_model(args.think_model), resolve_model(args.short_model)
+        for d in (args.think_model, args.short_model):  # the second expert runs after hours of the first
+            if not os.path.isfile(os.path.join(d, "config.json")):
+                raise FileNotFoundError(f"{d}: no config.json (expected a checkpoint folder)")
+        student_tokenizer = load_expert_tokenizer(args.think_model, THINK_STOPS)[0]
+        load_expert_tokenizer(args.short_model, SHORT_STOPS)
+    except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
+        raise SystemExit(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}")
     print(f"warmup_data: {vars(args)}", file=sys.stderr)
 
     sampling = (args.max_new_tokens or args.max_len, args.temperature, args.top_p, args.max_batch)

@@ -2,6 +2,7 @@
 end on a tiny random checkpoint (the numbers are meaningless there; the table and the JSONL are checked)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -250,8 +251,14 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_cli_bad_data_fails_before_loading_the_model(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"problem": "a", "answer": "1"}', '{"problem": "b"}'])
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(SystemExit, match="^error: .*bad.jsonl:2"):  # one line, no traceback
         ev.main(["--model", str(tmp_path / "missing"), "--data", bad])
+    with pytest.raises(SystemExit, match="^error: .*no-such.jsonl: No such file"):
+        ev.main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "no-such.jsonl")])
+    good = write_jsonl(tmp_path / "good.jsonl", ['{"problem": "a", "answer": "1"}'])
+    os.makedirs(tmp_path / "empty")  # a folder that is not a checkpoint
+    with pytest.raises(SystemExit, match="^error: .*empty/config.json: no config.json"):
+        ev.main(["--model", str(tmp_path / "empty"), "--data", good])
 
 
 def test_help_shows_the_costly_defaults(capsys):

@@ -187,6 +187,7 @@ def test_experts_given_as_hub_ids(tmp_path, monkeypatch):
 
 
 def test_bad_input(tmp_path, monkeypatch):
+    """Every mistake is one `error:` line naming the file (SystemExit), found before a model is loaded."""
     think_dir, short_dir, out = tmp_path / "missing-think", tmp_path / "missing-short", tmp_path / "o.jsonl"
     base = ["--think-model", str(think_dir), "--short-model", str(short_dir), "--out", str(out)]
     cases = [(['{"problem": "a"}', "{not json"], "bad.jsonl:2: not valid JSON"),
@@ -197,21 +198,21 @@ def test_bad_input(tmp_path, monkeypatch):
              ([""], "bad.jsonl: no prompts")]
     for lines, message in cases:
         bad = write_lines(tmp_path / "bad.jsonl", lines)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(SystemExit, match="error: .*" + message):
             wd.main(["--prompts", bad] + base)
     good = write_lines(tmp_path / "good.jsonl", [{"problem": "a"}])
-    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+    with pytest.raises(SystemExit, match="error: .*no-such-folder"):
         wd.main(["--prompts", good] + base[:-1] + [str(tmp_path / "no-such-folder" / "o.jsonl")])
-    with pytest.raises(FileNotFoundError, match="missing-think"):
+    with pytest.raises(SystemExit, match="error: .*missing-think"):
         wd.main(["--prompts", good] + base)
     # experts swapped: the ChatML tokenizer has no R1 end-of-sentence
     think_dir, short_dir = experts(tmp_path)
-    with pytest.raises(ValueError, match="none of the stop tokens"):
+    with pytest.raises(SystemExit, match="error: .*none of the stop tokens"):
         wd.main(["--prompts", good, "--think-model", short_dir, "--short-model", think_dir, "--out", str(out)])
     assert not os.path.exists(out)
     os.remove(os.path.join(short_dir, "config.json"))  # found before the first expert runs, not after
     monkeypatch.setattr(wd, "generate", lambda *a, **k: pytest.fail("generated before checking the input"))
-    with pytest.raises(FileNotFoundError, match="short: no config.json"):
+    with pytest.raises(SystemExit, match="error: .*short: no config.json"):
         wd.main(["--prompts", good, "--think-model", think_dir, "--short-model", short_dir, "--out", str(out)])
 
 
