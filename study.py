@@ -3,12 +3,13 @@ The study of issue 12 on the toy task: does vanilla GRPO collapse to one mode, d
 rise then fall (the paper's U), and how much does DeGRPO's alpha matter? A grid of RL runs on each
 of toy.py's regimes (toy.PRESETS):
 
-    python study.py --presets long toy   # the whole grid: 7 methods x 3 seeds per regime (run time: README.md)
+    python study.py --presets long toy   # the whole grid: 8 methods x 3 seeds per regime (run time: README.md)
     python study.py --presets toy --seeds 0 --methods degrpo-1 grpo-seq-mean --rl-steps 20   # a shortened one
 
 Methods (METHODS): DeGRPO with alpha 0.001, 0.01, 0.1, 1 and 10 (its answer term token-mean, the
 official code's), and vanilla GRPO (--alpha none) aggregated seq-mean (the paper's form) and
-token-mean (the official code's); degrpo.py's docstring has the formulas.
+token-mean (the official code's); degrpo.py's docstring has the formulas. degrpo-0, an ablation: the
+answer term alone, the control token never trained (what moves the mode choice without it? README.md).
 
 Design:
 - One warm-up per (preset, seed), shared by every method of that seed: RL of every method starts from
@@ -34,6 +35,7 @@ import sys
 import time
 
 METHODS = {f"degrpo-{a}": {"alpha": a} for a in ("0.001", "0.01", "0.1", "1", "10")}
+METHODS["degrpo-0"] = {"alpha": "0"}  # the control token never trained: what moves the mode choice without it
 METHODS.update({f"grpo-{agg}": {"alpha": "none", "loss_agg": agg} for agg in ("seq-mean", "token-mean")})
 LAST = 20  # collapse: one mode on every level over the last LAST RL steps...
 COLLAPSE_SHARE = 0.98  # ...meaning at least this share of each level's samples in that same mode
