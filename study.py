@@ -34,8 +34,7 @@ import subprocess
 import sys
 import time
 
-METHODS = {f"degrpo-{a}": {"alpha": a} for a in ("0.001", "0.01", "0.1", "1", "10")}
-METHODS["degrpo-0"] = {"alpha": "0"}  # the control token never trained: what moves the mode choice without it
+METHODS = {f"degrpo-{a}": {"alpha": a} for a in ("0", "0.001", "0.01", "0.1", "1", "10")}  # alpha 0: the ablation
 METHODS.update({f"grpo-{agg}": {"alpha": "none", "loss_agg": agg} for agg in ("seq-mean", "token-mean")})
 LAST = 20  # collapse: one mode on every level over the last LAST RL steps...
 COLLAPSE_SHARE = 0.98  # ...meaning at least this share of each level's samples in that same mode
