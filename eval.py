@@ -199,6 +199,32 @@ def evaluate(model, tokenizer, problems, samples=5, max_new_tokens=32768, temper
     return metrics
 
 
+@torch.no_grad()
+def mode_probabilities(model, tokenizer, problems, temperature=0.6, instruction=True, template_dir=None,
+                       batch=256) -> list[tuple[float, float]]:
+    """[(p(<think>), p(<short>))] per problem: the exact probability that the first response token is
+    each control token, softmax(logits / temperature) over the sampler's rows (ids < the tokenizer's
+    size) at the prompt's last position. One forward pass per `batch` prompts, no sampling, so the
+    think share it gives has no sampling noise (a sampled think ratio on n problems moves in steps of
+    1/n). The prompts are right-padded: under causal attention a prompt's last position sees no padding."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected > 0 (greedy has no probabilities to report)")
+    ids = control_ids(tokenizer)
+    vocab_size = tokenizer_vocab_size(tokenizer, model.config.vocab_size)
+    prompts = [encode_prompt(tokenizer, p["problem"], instruction, template_dir) for p in problems]
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch):
+        rows = prompts[start: start + batch]
+        idx = torch.tensor([p + [0] * (max(map(len, rows)) - len(p)) for p in rows], device=device)  # (B, T)
+        last = torch.tensor([len(p) - 1 for p in rows], device=device)  # (B,)
+        # the lm_head on the last prompt position only: (B, V), never (B, T, V)
+        logits = model(idx, head=lambda h, w: h[torch.arange(len(rows), device=device), last] @ w.T)
+        probs = torch.softmax(logits[:, :vocab_size].float() / temperature, dim=-1)  # (B, V_real)
+        out += list(zip(probs[:, ids.think].tolist(), probs[:, ids.short].tolist()))
+    return out
+
+
 def format_table(results: dict) -> str:
     """{benchmark: evaluate() metrics} -> a text table, one row per benchmark (and per level)."""
     def pct(x):

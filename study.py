@@ -1,29 +1,59 @@
 """
-The study of issue 12 on the toy task: does vanilla GRPO collapse to one mode, does the think share
-rise then fall (the paper's U), and how much does DeGRPO's alpha matter? A grid of RL runs on each
-of toy.py's regimes (toy.PRESETS):
+Where does vanilla GRPO collapse? A grid of RL runs on toy.py's regimes (toy.PRESETS), written up in
+docs/STUDY.md. The grid of issue 21 crosses the length ratio r (a think answer's tokens over a short
+one's, end of sentence counted) with the aggregation of the loss, on one level structure (the `toy`
+task: six numbers, 1, 2, 3 or 6 of them nonzero on levels 1-4; after the warm-up short answers are
+reliable on levels 1-3 and near chance on level 4, the hard level):
 
-    python study.py --presets long toy   # the whole grid: 8 methods x 3 seeds per regime (run time: README.md)
-    python study.py --presets toy --seeds 0 --methods degrpo-1 grpo-seq-mean --rl-steps 20   # a shortened one
+    python study.py --presets toy toy-r20 toy-r65 --seeds 0 1 2                        # r = 7, 20, 65
+    python study.py --presets toy-r39 --seeds 0 1 2 3 4                                # r = 39
+    python study.py --presets toy-r39 --seeds 0 1 2 3 4 --methods grpo-seq-mean degrpo-1 --rl-seeds-per-warmup 2
+    python study.py --report-only --presets toy toy-r20 toy-r39 toy-r65                # docs/study_*.{md,png}
 
-Methods (METHODS): DeGRPO with alpha 0.001, 0.01, 0.1, 1 and 10 (its answer term token-mean, the
-official code's), and vanilla GRPO (--alpha none) aggregated seq-mean (the paper's form) and
-token-mean (the official code's); degrpo.py's docstring has the formulas. degrpo-0, an ablation: the
-answer term alone, the control token never trained (what moves the mode choice without it? README.md).
+Methods (METHODS; degrpo.py's docstring has the formulas): vanilla GRPO (--alpha none) aggregated
+seq-mean (the paper's form: the control token of response i weighs 1/(n (T_i+1))) and token-mean (the
+official code's: every token 1/N); DeGRPO alpha 1 with its answer term token-mean (the official
+code's) and with it seq-mean (the paper's 1/T_i per response): the last pair tells whether DeGRPO's
+answer aggregation matters, and seq-mean DeGRPO against vanilla seq-mean separates the control
+token's weight from the answer tokens' reweighting. Earlier studies' methods (alpha 0 ... 10) remain.
+
+Outcome measures, fixed before the grid ran (issue 21). From each run's rl/metrics.jsonl, per level L:
+  - the batch think share per step, s_L(t) = think samples / samples of level L in RL step t; a
+    level has 10-30 samples a step (32 prompts x 8, levels uniform), so single steps are noisy and
+    the measures pool samples over windows: W_L(t) = the think share of level L's samples of steps
+    t-9..t (the 10-step window ending at t, t >= 10);
+  - min W: the lowest W_L(t) over the run (and its t); steps < 5%: the number of steps with
+    s_L(t) < 5%; last 20: the think share of level L's samples over the last 20 steps;
+  - the event "level L collapsed to short": W_L(t) < 5% for at least 50 consecutive t, or last 20
+    < 5%; "level L collapsed to think": the same above 95%, counted only on a level where short is
+    right after the warm-up (its forced-short accuracy on the test set at least 0.75 x its
+    forced-think accuracy: THINKLESS.md section 8's break-even). On the hard level, collapse to short
+    is the harmful one; on levels 1-3 it is the routing the reward asks for;
+  - counted per cell (r, method) as k of n warm-up seeds, on the first RL seed of each warm-up;
+  - the probe, every probe_every RL steps on 25 held-out problems per level: p(<think>) as the model's
+    exact probability of <think> as the first response token at the RL temperature (eval.
+    mode_probabilities: one forward pass, no sampling), per level; accuracy and think ratio from
+    --probe-samples samples per problem (4).
+Criterion, stated before the run: "vanilla collapses where DeGRPO does not" holds in a cell r for a
+vanilla method V when the hard level collapsed to short in at least 80% of V's seeds and in at most
+20% of DeGRPO alpha 1's (token-mean) on the same warm-ups (4 of 5 against at most 1 of 5; 3 of 3
+against 0 of 3); with the per-seed pairs shown (paired differences of the hard level's min W).
+Anything between is reported as it is and decides nothing.
 
 Design:
 - One warm-up per (preset, seed), shared by every method of that seed: RL of every method starts from
-  the same SFT checkpoint, a paired comparison, and the warm-up is paid once per seed, not per run.
+  the same SFT checkpoint with the same RL seed, a paired comparison, and the warm-up is paid once.
+  --rl-seeds-per-warmup K adds RL runs with other RL seeds (seed + 1000 j, j < K) from the same
+  warm-up: the spread from RL sampling alone, apart from the warm-up's.
 - Every run is a subprocess on one thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)), --jobs of
   them at a time (2: one per core of a 2-core machine); its output goes to log.txt in its folder.
-  The runs of seed 0 come first, then those of seed 1..., so that a grid cut short has whole seeds.
-- Folders: <out>/<preset>/warmup/seed<k>/ and <out>/<preset>/<method>/seed<k>/, the second holding
-  rl/metrics.jsonl (one line per RL step, think share per level included) and the RL checkpoints.
+  The runs of the first seed come first (every preset's), so that a grid cut short has whole seeds.
+- Folders: <out>/<preset>/warmup/seed<k>/ and <out>/<preset>/<method>/seed<k>[-rl<rl seed>]/, the
+  second holding rl/metrics.jsonl (one line per RL step, think share per level included).
   summary.json, written last, marks a finished run: it is skipped when the grid runs again, while a
   folder without one (a run that stopped) is redone from scratch. So the grid continues where it stopped.
-- Outputs in --docs, per preset: study_<preset>.png (the batch think share over the RL steps per
-  method, mean and min-max band over seeds, over all levels and level by level; the final think
-  ratio per level) and study_<preset>.md (the table: see report()).
+- Outputs in --docs (study_report.py writes them from the finished runs): per preset
+  study_<preset>.png and study_<preset>.md, and study_phase.png / study_phase.md across the presets.
 """
 
 import argparse
@@ -34,10 +64,13 @@ import subprocess
 import sys
 import time
 
-METHODS = {f"degrpo-{a}": {"alpha": a} for a in ("0", "0.001", "0.01", "0.1", "1", "10")}  # alpha 0: the ablation
+from study_report import finished, read_json, write_report
+
+METHODS = {f"degrpo-{a}": {"alpha": a} for a in ("0", "0.001", "0.01", "0.1", "1", "10")}  # alpha 0: an ablation
 METHODS.update({f"grpo-{agg}": {"alpha": "none", "loss_agg": agg} for agg in ("seq-mean", "token-mean")})
-LAST = 20  # collapse: one mode on every level over the last LAST RL steps...
-COLLAPSE_SHARE = 0.98  # ...meaning at least this share of each level's samples in that same mode
+METHODS["degrpo-1-seq-mean"] = {"alpha": "1", "loss_agg": "seq-mean"}
+GRID_METHODS = ("grpo-seq-mean", "grpo-token-mean", "degrpo-1", "degrpo-1-seq-mean")  # issue 21's grid
+RL_SEED_STRIDE = 1000  # RL seed of the j-th RL run from warm-up seed s: s + 1000 j
 
 # -----------------------------------------------------------------------------
 # One run, in its own process
@@ -50,11 +83,6 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def work(job):
     """Runs one job (a warm-up, or an RL run from its seed's warm-up) in this process, on one thread."""
     import torch
@@ -63,11 +91,13 @@ def work(job):
     import train
 
     torch.set_num_threads(1)
-    cfg = train.TrainConfig(preset=job["preset"], seed=job["seed"], out=job["dir"], **METHODS.get(job["method"], {}))
+    seed = job["seed"] if job["method"] is None else job["rl_seed"]
+    cfg = train.TrainConfig(preset=job["preset"], seed=seed, out=job["dir"], **METHODS.get(job["method"], {}))
     if job["method"] is None:
-        summary = toy.warm_up(cfg, steps=job["sft_steps"])
+        summary = toy.warm_up(cfg, train.train, steps=job["sft_steps"], samples=job["probe_samples"])
     else:
-        summary = toy.reinforce(cfg, read_json(os.path.join(job["needs"], "summary.json")), steps=job["rl_steps"])
+        summary = toy.reinforce(cfg, read_json(os.path.join(job["needs"], "summary.json")), train.train,
+                                steps=job["rl_steps"], probe_samples=job["probe_samples"])
     write_json(os.path.join(job["dir"], "summary.json"), summary)
 
 
@@ -75,21 +105,25 @@ def work(job):
 # The grid
 
 
+def run_dir(out, preset, method, seed, rl_seed):
+    name = f"seed{seed}" if rl_seed == seed else f"seed{seed}-rl{rl_seed}"
+    return os.path.join(out, preset, method, name)
+
+
 def grid_jobs(args):
-    """Every job, seed by seed: the warm-up first, then one RL run per method from it."""
+    """Every job, seed by seed (each seed's presets in the order given): a warm-up, then the RL runs
+    of every method from it. A grid cut short has whole seeds of every preset."""
     jobs = []
-    for preset in args.presets:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for preset in args.presets:
             warm = os.path.join(args.out, preset, "warmup", f"seed{seed}")
-            common = dict(preset=preset, seed=seed, sft_steps=args.sft_steps)
-            jobs.append(dict(common, method=None, dir=warm, needs=None, rl_steps=None))
-            jobs += [dict(common, method=m, dir=os.path.join(args.out, preset, m, f"seed{seed}"), needs=warm,
-                          rl_steps=args.rl_steps) for m in args.methods]
+            common = dict(preset=preset, seed=seed, sft_steps=args.sft_steps, probe_samples=args.probe_samples)
+            jobs.append(dict(common, method=None, dir=warm, needs=None, rl_steps=None, rl_seed=None))
+            jobs += [dict(common, method=m, rl_seed=rl_seed, dir=run_dir(args.out, preset, m, seed, rl_seed), needs=warm,
+                          rl_steps=args.rl_steps)
+                     for rl_seed in (seed + RL_SEED_STRIDE * j for j in range(args.rl_seeds_per_warmup))
+                     for m in args.methods]
     return jobs
-
-
-def finished(folder):
-    return os.path.exists(os.path.join(folder, "summary.json"))
 
 
 def start(job):
@@ -151,139 +185,6 @@ def run_grid(jobs, n_parallel):
 
 
 # -----------------------------------------------------------------------------
-# The report: figure and table from the finished runs
-
-
-def level_order(levels):
-    return sorted(levels, key=lambda lv: (0, int(lv)) if str(lv).isdigit() else (1, str(lv)))
-
-
-def targets_hold(m, always_think):
-    """The demo's targets (README.md): think at most 10% on the easiest level and at least 90% on the
-    hardest, accuracy within 3 points of always thinking, at most half its tokens."""
-    lv = level_order(m["levels"])
-    return (m["levels"][lv[0]]["think_ratio"] <= 0.10 and m["levels"][lv[-1]]["think_ratio"] >= 0.90
-            and m["pass@1"] >= always_think["pass@1"] - 0.03 and m["mean_tokens"] <= 0.5 * always_think["mean_tokens"])
-
-
-def load_run(folder):
-    """A finished RL run: its summary and what the report reads from its metrics.jsonl."""
-    summary = read_json(os.path.join(folder, "summary.json"))
-    with open(os.path.join(folder, "rl", "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
-    last = steps[-LAST:]
-    think = {lv: sum(m["think_by_level"][lv] for m in last) / max(sum(m["samples_by_level"][lv] for m in last), 1)
-             for lv in last[-1]["samples_by_level"]}  # the think share per level over the last LAST steps
-    collapsed = ("think" if min(think.values()) >= COLLAPSE_SHARE else
-                 "short" if max(think.values()) <= 1 - COLLAPSE_SHARE else "no")
-    share = [m["think"] / m["samples"] for m in steps]  # the batch think share, step by step
-    share_by_level = {lv: [m["think_by_level"][lv] / m["samples_by_level"][lv] if m["samples_by_level"][lv]
-                           else float("nan") for m in steps] for lv in steps[-1]["samples_by_level"]}
-    peak = max(range(len(share)), key=lambda k: sum(share[k: k + 10]))  # the highest 10-step window
-    return {"summary": summary, "share": share, "share_by_level": share_by_level, "collapsed": collapsed,
-            "first_target_step": next((h["step"] for h in summary["history"]
-                                       if targets_hold(h, summary["always_think"])), None),
-            "share_path": (sum(share[:10]) / len(share[:10]), sum(share[peak: peak + 10]) / len(share[peak: peak + 10]),
-                           peak + 1, sum(share[-LAST:]) / len(share[-LAST:]))}
-
-
-def spread(values, pct=False, digits=2):
-    """mean (min-max) over seeds, as text."""
-    f = (lambda v: f"{100 * v:.0f}") if pct else (lambda v: f"{v:.{digits}f}")
-    mean = sum(values) / len(values)
-    return f(mean) + ("%" if pct else "") + (f" ({f(min(values))}-{f(max(values))})" if len(values) > 1 else "")
-
-
-def report(preset, methods, seeds, out, docs, command):
-    """study_<preset>.png and study_<preset>.md in docs from the finished runs; returns the table."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    runs = {m: [load_run(os.path.join(out, preset, m, f"seed{s}")) for s in seeds
-                if finished(os.path.join(out, preset, m, f"seed{s}"))] for m in methods}
-    runs = {m: r for m, r in runs.items() if r}
-    if not runs:
-        raise SystemExit(f"study: no finished run of preset {preset} in {out}")
-    any_run = next(iter(runs.values()))[0]["summary"]
-    levels = level_order(any_run["rl"]["levels"])
-    L = len(levels)
-    fig = plt.figure(figsize=(max(13, 4.5 * L), 8.5))
-    grid = fig.add_gridspec(2, 2 * L)  # top: all levels, and the final think ratio; bottom: one panel a level
-    ax, bx = fig.add_subplot(grid[0, :L]), fig.add_subplot(grid[0, L:])
-    level_axes = [fig.add_subplot(grid[1, 2 * k: 2 * k + 2]) for k in range(L)]
-
-    def band(a, curves, **style):  # one curve per seed -> their mean, and a min-max band
-        n = min(map(len, curves))
-        by_step = list(zip(*(c[:n] for c in curves)))  # (steps, seeds)
-        line, = a.plot(range(1, n + 1), [sum(v) / len(v) for v in by_step], lw=1.1, **style)
-        a.fill_between(range(1, n + 1), [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(),
-                       alpha=0.15)
-
-    width = 0.8 / len(runs)
-    for k, (m, rs) in enumerate(runs.items()):
-        band(ax, [r["share"] for r in rs], color=f"C{k}", label=m)
-        for a, lv in zip(level_axes, levels):
-            band(a, [r["share_by_level"][lv] for r in rs], color=f"C{k}")
-        final = [[r["summary"]["rl"]["levels"][lv]["think_ratio"] for r in rs] for lv in levels]  # (levels, seeds)
-        mean = [sum(v) / len(v) for v in final]
-        bx.bar([i + (k - (len(runs) - 1) / 2) * width for i in range(L)], mean, width, color=f"C{k}", label=m,
-               yerr=[[a - min(v) for a, v in zip(mean, final)], [max(v) - a for a, v in zip(mean, final)]], capsize=2)
-    ax.set(xlabel="RL step", ylabel="think share of the batch", title="batch think share (mean; band: min-max over seeds)")
-    bx.set(xticks=range(L), xticklabels=[f"level {lv}" for lv in levels], ylabel="think ratio",
-           title="after RL: think ratio per level (test set; bars: min-max)")
-    for a, lv in zip(level_axes, levels):
-        a.set(xlabel="RL step", title=f"batch think share, level {lv}")
-    for a in [ax, bx] + level_axes:
-        a.set_ylim(-0.02, 1.05)
-        a.grid(alpha=0.3)
-    bx.legend(fontsize=8)
-    fig.suptitle(f"toy preset '{preset}', seeds {', '.join(map(str, seeds))}: every method of a seed starts RL from "
-                 "that seed's warm-up")
-    fig.tight_layout()
-    os.makedirs(docs, exist_ok=True)
-    fig.savefig(os.path.join(docs, f"study_{preset}.png"), dpi=100)
-    plt.close(fig)
-
-    warm = [read_json(os.path.join(out, preset, "warmup", f"seed{s}", "summary.json")) for s in seeds
-            if finished(os.path.join(out, preset, "warmup", f"seed{s}"))]
-    head = ("| method | seeds | think ratio, level " + " / ".join(levels) + " | accuracy | tokens | "
-            "targets first hold at step | collapsed | batch think share: first 10 steps / peak (step) / last 20 |")
-    lines = [head, "|" + "---|" * 8]
-    for label, key in (("after warm-up SFT", "sft"), ("warm-up, always think", "always_think")):
-        lines.append(f"| {label} | {len(warm)} | " + " / ".join(spread([w[key]["levels"][lv]["think_ratio"] for w in warm],
-                                                                       pct=True) for lv in levels)
-                     + f" | {spread([w[key]['pass@1'] for w in warm], digits=3)} | "
-                     f"{spread([w[key]['mean_tokens'] for w in warm], digits=1)} | | | |")
-    for m, rs in runs.items():
-        rl = [r["summary"]["rl"] for r in rs]
-        path = list(zip(*(r["share_path"] for r in rs)))
-        lines.append(
-            f"| {m} | {len(rs)} | " + " / ".join(spread([x["levels"][lv]["think_ratio"] for x in rl], pct=True) for lv in levels)
-            + f" | {spread([x['pass@1'] for x in rl], digits=3)} | {spread([x['mean_tokens'] for x in rl], digits=1)} | "
-            + ", ".join(str(r["first_target_step"] or "never") for r in rs) + " | "
-            + ", ".join(r["collapsed"] for r in rs) + " | "
-            + f"{spread(path[0], pct=True)} / {spread(path[1], pct=True)} ({', '.join(str(s) for s in path[2])}) / "
-            + f"{spread(path[3], pct=True)} |")
-    seconds = sum(r["summary"]["seconds"] for rs in runs.values() for r in rs) + sum(w["seconds"] for w in warm)
-    text = "\n".join([
-        f"# Study on the toy preset '{preset}'", "",
-        f"Written by `{command}` from the finished runs in `{os.path.join(out, preset)}`: {sum(map(len, runs.values()))} "
-        f"RL runs and {len(warm)} warm-ups, {seconds / 60:.0f} min of single-thread run time in all.", "",
-        "Per method: mean (min-max) over seeds. Think ratio, accuracy and tokens: the test set after RL, one sample "
-        "per problem at temperature 0.6. Targets first hold: the first probed RL step (per seed) at which the demo's "
-        "targets hold on the probe set (think <= 10% on the easiest level, >= 90% on the hardest, accuracy within 3 "
-        "points of always thinking, at most half its tokens). Collapsed (per seed): at least "
-        f"{COLLAPSE_SHARE:.0%} of the samples of every level in one mode over the last {LAST} RL steps. Batch think "
-        "share: the share of <think> samples in the RL batches (metrics.jsonl), over the first 10 steps, over the "
-        "10-step window where it is highest (its first step), and over the last 20.", "",
-        *lines, "", f"![batch think share and final think ratio](study_{preset}.png)", ""])
-    with open(os.path.join(docs, f"study_{preset}.md"), "w") as f:
-        f.write(text)
-    return text
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -291,25 +192,31 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=list(toy.PRESETS), choices=list(toy.PRESETS),
-                        help="toy.py's regimes (toy.PRESETS)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--presets", nargs="+", default=["toy", "toy-r20", "toy-r39", "toy-r65"],
+                        choices=list(toy.PRESETS), help="toy.py's regimes (toy.PRESETS)")
+    parser.add_argument("--methods", nargs="+", default=list(GRID_METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="warm-up seeds")
+    parser.add_argument("--rl-seeds-per-warmup", type=int, default=1,
+                        help=f"RL runs per warm-up and method, RL seeds seed + {RL_SEED_STRIDE} j")
     parser.add_argument("--sft-steps", type=int, help="warm-up steps; default: the preset's")
     parser.add_argument("--rl-steps", type=int, help="RL steps; default: the preset's")
+    parser.add_argument("--probe-samples", type=int, default=4, help="samples per problem of the probes")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out", default="runs/study", help="the runs' folders")
-    parser.add_argument("--docs", default="docs", help="where the figure and the table go")
-    parser.add_argument("--report-only", action="store_true", help="write the figure and table from the finished runs")
+    parser.add_argument("--docs", default="docs", help="where the figures and tables go")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the figures and tables from the finished runs of --presets (every seed found)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
     args = parser.parse_args(argv)
     if args.job:
         return work(json.loads(args.job))
-    args.out = os.path.abspath(args.out)
+    for name in ("rl_seeds_per_warmup", "probe_samples", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.out = os.path.abspath(args.out)  # the runs' subprocesses and summaries name their folders absolutely
     failed = set() if args.report_only else run_grid(grid_jobs(args), args.jobs)
     command = "python study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for preset in args.presets:
-        print(report(preset, args.methods, args.seeds, args.out, args.docs, command))
+    print(write_report(args.presets, args.out, args.docs, command, args.methods))
     if failed:
         raise SystemExit(f"study: {len(failed)} runs failed: {', '.join(sorted(failed))}")
 

@@ -1,7 +1,8 @@
 """
 The toy task: the whole Thinkless method on a laptop CPU in minutes (`python train.py --preset NAME`).
-Two regimes of one task, PRESETS["toy"] (the default of `python train.py`) and PRESETS["long"]; a
-Preset holds what differs between them: the task's shape, the recipe, alpha, the probe settings.
+Regimes of one task in PRESETS: "toy" (the default of `python train.py`), the same with longer
+chains ("toy-r20", "toy-r39", "toy-r65": study.py's grid), and "long"; a Preset holds what differs
+between them: the task's shape, the recipe, alpha, the probe settings.
 
 == The toy regime (--preset toy)
 
@@ -47,6 +48,25 @@ thinking. Level 3 sits at the edge: with fewer warm-up steps its short answers a
 
 Results of the full recipe (train.py, 200 RL steps): README.md. There the always-think baseline is
 the warm-up model, not the RL model: after RL the unused think mode drifts on the easy levels.
+
+== The length knob (--preset toy-r20, toy-r39, toy-r65): the toy regime at other length ratios
+
+The length ratio r (a think answer's tokens over a short one's, end of sentence counted) is 7 on the
+toy regime; the paper's is in the tens to hundreds. These presets keep the toy task, its levels, its
+short expert, its data and its recipe, and make only the thinking expert's chain longer: it walks
+the six numbers `passes` times, each pass numbered, like a reasoning model that checks its sum again
+    think: "<think>1:g7=7 f1=8 d8=6 e6=2 h4=6 i6=2 2:g7=7 f1=8 ... i6=2 3:g7=7 ... i6=2</think>\\boxed{2}"
+    passes 3: 101 tokens, r = 20.2;  6: 197 tokens, r = 39.4;  10: 326 tokens, r = 65.2 (short: 5)
+  - A pass after the first is the first again: a copy at a fixed distance (one pass back), the
+    easiest thing attention learns. The numbers say where the chain is, so ending it is a lookup
+    (the last pass's number), not a count of passes.
+  - The model is the toy's, with max_position_embeddings 160 / 256 / 384 (prompt 26 tokens + the
+    answer); the RL cap is the rest of those positions; probes every 10 RL steps.
+  - What else changes with r: the warm-up's loss is a mean over all answer tokens of a step, so a
+    pair's short answer is 5 of its 40 tokens at r = 7 and 5 of 331 at r = 65: the longer the chains,
+    the smaller the short answers' share of the warm-up's gradient. Whether that leaves the short
+    mode weaker after the same 2000 steps is measured per r in docs/STUDY.md (each forced mode on
+    each level), not hidden by changing the task.
 
 == The long regime (--preset long): the paper's length imbalance and a short mode RL can improve
 
@@ -140,6 +160,7 @@ class Task:
     nonzero: tuple[int, ...]  # nonzero numbers on level 1, 2, ...
     spelled_out: bool = False  # think step "g=7 0+7=7" (term, then the addition) instead of "g7=7"
     short_right: tuple[float, ...] | None = None  # per level: how often the short expert is right (None: always)
+    passes: int = 1  # how many times the think expert walks the numbers; > 1: each pass numbered "j:"
 
     @property
     def levels(self) -> int:
@@ -147,7 +168,7 @@ class Task:
 
     @property
     def chars(self) -> str:  # every character a problem or an expert's answer can hold
-        return "0123456789" + LETTERS + "= " + ("+" if self.spelled_out else "")
+        return "0123456789" + LETTERS + "= " + ("+" if self.spelled_out else "") + (":" if self.passes > 1 else "")
 
     def make_problem(self, rng: random.Random, level: int) -> dict:
         if not 1 <= level <= self.levels:
@@ -174,7 +195,10 @@ class Task:
         for x, v in self.parse_problem(problem):
             prev, total = total, (total + v) % 10  # s_i = (s_{i-1} + v_i) mod 10
             steps.append(f"{x}={v} {prev}+{v}={total}" if self.spelled_out else f"{x}{v}={total}")
-        return f"{THINK}{' '.join(steps)}{END_THINK}{BOXED}{total}}}"
+        chain = " ".join(steps)
+        if self.passes > 1:  # the same walk again, each pass numbered: "1:g7=7 ... i6=2 2:g7=7 ... i6=2"
+            chain = " ".join(f"{j}:{chain}" for j in range(1, self.passes + 1))
+        return f"{THINK}{chain}{END_THINK}{BOXED}{total}}}"
 
     def short_expert(self, problem: str, careless: bool = False) -> str:
         """The answer in one go; careless: the slip of the unreliable expert (write_toy_data draws it
@@ -183,6 +207,15 @@ class Task:
         if careless:
             values = values[:1]
         return f"{SHORT}{BOXED}{sum(values) % 10}}}"
+
+
+def length_ratio(task: Task) -> float:
+    """r: the tokens of a think answer over a short one's, end of sentence counted in both (the same
+    on every problem: every step of the chain has the same length)."""
+    tok = build_tokenizer(chars=task.chars)
+    p = task.make_problem(random.Random(0), task.levels)["problem"]
+    n_tokens = lambda text: len(tok.encode(text + EOS, add_special_tokens=False).ids)
+    return n_tokens(task.think_expert(p)) / n_tokens(task.short_expert(p))
 
 
 def is_equivalent(answer: str, ground_truth: str) -> bool:
@@ -293,6 +326,15 @@ PRESETS = {
         rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=48, micro_batch_tokens=16384,
                 grad_checkpointing=False),
         alpha="1.0", max_positions=128),
+    # The toy regime with longer chains (module docstring, "The length knob"): r = 20, 39 and 65 (study.py).
+    **{f"toy-r{r}": Preset(
+        task=dataclasses.replace(TOY, passes=passes),
+        sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                 max_len=positions, micro_batch_tokens=32768, save_every=500, grad_checkpointing=False),
+        rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=positions - 26, micro_batch_tokens=65536,
+                grad_checkpointing=False),
+        alpha="1.0", max_positions=positions, probe_every=10)
+       for r, passes, positions in ((20, 3, 160), (39, 6, 256), (65, 10, 384))},
     # The long regime (module docstring, second part): think answers 26x the tokens of short ones, and
     # a middle level whose short expert is right half the time.
     "long": Preset(
@@ -335,6 +377,8 @@ def plot_history(history, path, title="toy task", nonzero=NONZERO):
 # -----------------------------------------------------------------------------
 # The demo driver: `python train.py` (train.py --preset NAME, toy by default) lands here. Two
 # stages, which study.py also runs apart: one warm-up, then RL runs of several methods from it.
+# Each stage runs through `train`, train.py's train(), handed in by the caller (train.py or study.py):
+# this module imports nothing above it, so train.py can import it and no import circle forms.
 
 
 def method_name(cfg) -> str:
@@ -344,24 +388,38 @@ def method_name(cfg) -> str:
     return f"DeGRPO (alpha {alpha}{', ' + cfg.loss_agg if cfg.loss_agg else ''})"
 
 
-def measure(model, tokenizer, problems, cfg, force_mode=None) -> dict:
-    """eval.evaluate on toy problems (a checkpoint folder or a model): one sample each at the RL
+def measure(model, tokenizer, problems, cfg, force_mode=None, samples=1) -> dict:
+    """eval.evaluate on toy problems (a checkpoint folder or a model): `samples` samples each at the RL
     temperature and the preset's answer cap, per-level metrics included."""
     if isinstance(model, str):
         model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
-    return evaluation.evaluate(model, tokenizer, problems, samples=1, max_new_tokens=PRESETS[cfg.preset].rl["max_new_tokens"],
-                               temperature=cfg.temperature, top_p=1.0, max_batch=256, is_equivalent=is_equivalent,
-                               instruction=False, force_mode=force_mode, progress=False)
+    return evaluation.evaluate(model, tokenizer, problems, samples=samples,
+                               max_new_tokens=PRESETS[cfg.preset].rl["max_new_tokens"], temperature=cfg.temperature,
+                               top_p=1.0, max_batch=256, is_equivalent=is_equivalent, instruction=False,
+                               force_mode=force_mode, progress=False)
 
 
-def warm_up(cfg, steps=None) -> dict:
+def probe(model, tokenizer, problems, cfg, samples=1) -> dict:
+    """measure(), plus the exact first-token probabilities (eval.mode_probabilities, no sampling):
+    "p_think" and "p_short", the mean over the problems, overall and in each level's entry."""
+    if isinstance(model, str):
+        model = Transformer.from_pretrained(model, dtype=torch.float32).eval()
+    m = measure(model, tokenizer, problems, cfg, samples=samples)
+    probs = evaluation.mode_probabilities(model, tokenizer, problems, cfg.temperature, instruction=False)
+    groups = [(m, probs)] + [(m["levels"][lv], [q for q, p in zip(probs, problems) if str(p["level"]) == lv])
+                             for lv in m.get("levels", {})]
+    for entry, ps in groups:
+        entry["p_think"], entry["p_short"] = (sum(p[k] for p in ps) / len(ps) for k in (0, 1))
+    return m
+
+
+def warm_up(cfg, train, steps=None, samples=1) -> dict:
     """Stage 1 in cfg.out: a random tiny model (base/), the data files of the preset's task, warm-up
-    SFT through train.train (sft/), and two evaluations of the warm-up model on the test set: as it
-    chooses, and made to think on every problem (the baseline of the demo's targets: after RL the
-    unused think mode drifts, so the RL model is no longer the reasoning model). steps: fewer SFT
-    steps than the preset's (study.py's shortened runs). Returns a JSON-able dict: reinforce() starts from it."""
-    import train  # train.py imports this module only when the demo runs: no import cycle at load time
-
+    SFT through train (sft/), and evaluations of the warm-up model on the test set, `samples`
+    per problem: as it chooses (with the exact p(<think>)), made to think on every problem (the
+    baseline of the demo's targets: after RL the unused think mode drifts, so the RL model is no
+    longer the reasoning model), and made to answer short. steps: fewer SFT steps than the preset's
+    (study.py's shortened runs). Returns a JSON-able dict: reinforce() starts from it."""
     t0, out, preset = time.time(), cfg.out, PRESETS[cfg.preset]
     base = os.path.join(out, "base")
     torch.manual_seed(cfg.seed)
@@ -371,39 +429,41 @@ def warm_up(cfg, steps=None) -> dict:
     paths = write_toy_data(out, cfg.seed, task=preset.task)
     sft_cfg = dataclasses.replace(cfg, preset=None, stage="sft", model=base, data=paths["sft"],
                                   out=os.path.join(out, "sft"), **dict(preset.sft, steps=steps or preset.sft["steps"]))
-    sft_ckpt = train.train(sft_cfg)
+    sft_ckpt = train(sft_cfg)
     test = evaluation.load_problems(paths["test"])
+    model = Transformer.from_pretrained(sft_ckpt, dtype=torch.float32).eval()
     warm = {"sft_ckpt": sft_ckpt, "rl_data": paths["rl"], "test_data": paths["test"],
-            "sft": measure(sft_ckpt, tokenizer, test, cfg),
-            "always_think": measure(sft_ckpt, tokenizer, test, cfg, force_mode="think")}
+            "sft": probe(model, tokenizer, test, cfg, samples),
+            **{f"always_{mode}": measure(model, tokenizer, test, cfg, mode, samples) for mode in ("think", "short")}}
     print(f"\n== after warm-up SFT ({time.time() - t0:.0f} s)")
-    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"]}))
+    print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"],
+                                   "SFT, always short": warm["always_short"]}))
     return dict(warm, seconds=time.time() - t0)
 
 
-def reinforce(cfg, warm, steps=None) -> dict:
-    """Stage 2 in cfg.out/rl: DeGRPO (or vanilla GRPO with cfg.alpha "none") through train.train from
-    warm's SFT checkpoint, a held-out probe every preset.probe_every steps (the plot's curves), and
-    the final evaluation on the test set. steps: fewer RL steps than the preset's. Returns the run's summary."""
-    import train
-
+def reinforce(cfg, warm, train, steps=None, probe_samples=1) -> dict:
+    """Stage 2 in cfg.out/rl: DeGRPO (or vanilla GRPO with cfg.alpha "none") through train from
+    warm's SFT checkpoint (the RL seed is cfg.seed, which need not be the warm-up's), a held-out
+    probe() every preset.probe_every steps with probe_samples samples per problem (the plot's curves),
+    and the final evaluation on the test set. steps: fewer RL steps than the preset's. Returns the
+    run's summary."""
     t0, name, preset = time.time(), method_name(cfg), PRESETS[cfg.preset]
     tokenizer = build_tokenizer(chars=preset.task.chars)
     test = evaluation.load_problems(warm["test_data"])
-    probe = test[:: max(1, len(test) // preset.probe_problems)]  # a small held-out slice for the RL curves
-    history = [(0, measure(warm["sft_ckpt"], tokenizer, probe, cfg))]
+    probe_set = test[:: max(1, len(test) // preset.probe_problems)]  # a small held-out slice for the RL curves
+    history = [(0, probe(warm["sft_ckpt"], tokenizer, probe_set, cfg, probe_samples))]
 
     def on_step(step, sampler_model):
         if step % preset.probe_every == 0:
-            history.append((step, measure(sampler_model, tokenizer, probe, cfg)))
+            history.append((step, probe(sampler_model, tokenizer, probe_set, cfg, probe_samples)))
 
     rl_cfg = dataclasses.replace(cfg, preset=None, stage="rl", model=warm["sft_ckpt"], data=warm["rl_data"],
                                  out=os.path.join(cfg.out, "rl"), alpha=cfg.alpha or preset.alpha,
                                  **dict(preset.rl, steps=steps or preset.rl["steps"]))
-    after = measure(train.train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step), tokenizer, test, cfg)
+    after = measure(train(rl_cfg, is_equivalent=is_equivalent, on_step=on_step), tokenizer, test, cfg)
     print(f"\n== after {name} ({time.time() - t0:.0f} s)")
     print(evaluation.format_table({"SFT": warm["sft"], "SFT, always think": warm["always_think"], name: after}))
-    return {"method": name, "alpha": rl_cfg.alpha, "loss_agg": cfg.loss_agg, "sft": warm["sft"],
+    return {"method": name, "alpha": rl_cfg.alpha, "loss_agg": cfg.loss_agg, "seed": cfg.seed, "sft": warm["sft"],
             "always_think": warm["always_think"], "rl": after, "history": [{"step": s, **m} for s, m in history],
             "seconds": time.time() - t0}
 
@@ -427,14 +487,14 @@ def clear_demo_folder(out):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def run_demo(cfg):
+def run_demo(cfg, train):
     """Warm-up SFT, evaluation, DeGRPO (or vanilla GRPO with --alpha none), evaluation, plot.
-    cfg: train.TrainConfig with a preset of PRESETS; the stages run through train.train like a real run."""
+    cfg: train.TrainConfig with a preset of PRESETS; train: train.train, which runs the stages as it runs a real one."""
     t0 = time.time()
     clear_demo_folder(cfg.out)
     print(f"== toy task ({cfg.preset}): warm-up SFT, then {method_name(cfg)}, on {torch.get_num_threads()} CPU "
           f"threads; out: {cfg.out}")
-    summary = reinforce(cfg, warm_up(cfg))
+    summary = reinforce(cfg, warm_up(cfg, train), train)
     summary["seconds"] = time.time() - t0
     plot = os.path.join(cfg.out, "think_ratio.png")
     plot_history([(h["step"], h) for h in summary["history"]], plot, title=f"toy task ({cfg.preset}), {summary['method']}",

@@ -45,6 +45,7 @@ import chat
 import degrpo
 import eval as evaluation
 import sft
+import toy
 from checkpoint import (RunError, claim_run_folder, current_device, full_tensors, latest_checkpoint, load_checkpoint,
                         save_checkpoint, trim_metrics)
 from model import Transformer, load_config
@@ -132,8 +133,6 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.preset is None and cfg.model is None:
         cfg.preset = "toy"
     if cfg.preset is not None:  # the toy sets these itself: a flag that would be ignored is refused
-        import toy
-
         if cfg.preset not in toy.PRESETS:
             parser.error(f"--preset must be one of {', '.join(toy.PRESETS)}, got {cfg.preset!r}")
         fixed = {"stage", "model", "data"} | set(toy.PRESETS[cfg.preset].sft) | set(toy.PRESETS[cfg.preset].rl)
@@ -390,9 +389,7 @@ def main(argv=None):
     status = 0
     try:
         if cfg.preset is not None:
-            import toy
-
-            toy.run_demo(cfg)
+            toy.run_demo(cfg, train)
         else:
             train(cfg)
     except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank

@@ -271,3 +271,44 @@ def test_help_shows_the_costly_defaults(capsys):
     from conftest import ROOT
 
     assert "/eval_out/" in open(f"{ROOT}/.gitignore").read().split()  # its default output stays out of git
+
+
+def test_mode_probabilities_are_the_first_token_softmax(tmp_path):
+    """The exact probe (study.py's p(<think>)): equal to softmax(logits / T) over the tokenizer's ids
+    at the prompt's last position, computed here by transformers one prompt at a time, for prompts of
+    several lengths (mode_probabilities right-pads them) over two batches."""
+    transformers = pytest.importorskip("transformers")
+    import toy
+    from model import Transformer
+
+    tok = toy.build_tokenizer()
+    folder = tmp_path / "toy"
+    torch.manual_seed(0)
+    model = Transformer(toy.toy_model_config(tok.get_vocab_size()))
+    problems = [{"problem": " ".join(f"{x}={i % 10}" for i, x in enumerate("abcdefghij"[:n])), "answer": "0"}
+                for n in (1, 6, 3, 10, 2)]
+    think, short = tok.token_to_id(toy.THINK), tok.token_to_id(toy.SHORT)
+    with torch.no_grad():  # the control rows along a prompt's last hidden state: far from the uniform 1/64
+        ids = tok.encode(toy.prompt_text(problems[1]["problem"]), add_special_tokens=False).ids
+        h = model(torch.tensor([ids]), head=lambda x, w: x[0, -1])  # (H,)
+        model.lm_head.weight[think] = 2.0 * h / h.norm() ** 2
+        model.lm_head.weight[short] = 1.5 * h / h.norm() ** 2 + 0.1 * torch.randn_like(h)
+    model.save_pretrained(folder)
+    temperature = 0.6
+    got = ev.mode_probabilities(Transformer.from_pretrained(folder).eval(), tok, problems, temperature,
+                                instruction=False, batch=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    real_ids = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # the padded rows are never sampled
+    expected = []
+    for p in problems:
+        ids = tok.encode(toy.prompt_text(p["problem"]), add_special_tokens=False).ids
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1, :real_ids].double()  # (V_real,)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        expected.append((probs[think].item(), probs[short].item()))
+    assert len({len(p["problem"]) for p in problems}) == len(problems)  # every prompt a different length
+    assert max(p for pair in expected for p in pair) > 0.05  # not the near-uniform 1/64 of a random head
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        ev.mode_probabilities(model, tok, problems, temperature=0)

@@ -274,13 +274,13 @@ def test_demo_rerun_starts_over_and_refuses_a_foreign_folder(tmp_path, monkeypat
                                                                               test_per_level=4, task=task))
     out = tmp_path / "demo"
     for _ in range(2):
-        toy.run_demo(train.parse_args(["--out", str(out)]))
+        toy.run_demo(train.parse_args(["--out", str(out)]), train.train)
     assert sorted(os.listdir(out / "sft")) == ["metrics.jsonl", "step_000002"]
     assert [json.loads(line)["step"] for line in open(out / "sft" / "metrics.jsonl")] == [1, 2]
     assert sorted(os.listdir(out)) == sorted(toy.DEMO_OUTPUTS)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match=f"--out {out} holds files the toy demo did not write \\(notes.txt\\)"):
-        toy.run_demo(train.parse_args(["--out", str(out)]))
+        toy.run_demo(train.parse_args(["--out", str(out)]), train.train)
     assert sorted(os.listdir(out)) == sorted(toy.DEMO_OUTPUTS + ("notes.txt",))
     with pytest.raises(SystemExit):  # the demo always starts from scratch: nothing to resume
         train.parse_args(["--resume"])
@@ -298,7 +298,7 @@ def short_run(tmp_path_factory):
     patch.setitem(toy.PRESETS, "toy", dataclasses.replace(preset, sft=dict(preset.sft, steps=1000, save_every=1000),
                                                           rl=dict(preset.rl, steps=60, save_every=1000), probe_every=30))
     try:
-        summary = toy.run_demo(train.parse_args(["--out", str(out)]))
+        summary = toy.run_demo(train.parse_args(["--out", str(out)]), train.train)
     finally:
         patch.undo()
     return out, summary
