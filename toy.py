@@ -329,9 +329,12 @@ PRESETS = {
     # The toy regime with longer chains (module docstring, "The length knob"): r = 20, 39 and 65 (study.py).
     **{f"toy-r{r}": Preset(
         task=dataclasses.replace(TOY, passes=passes),
+        # micro-batches of 8192 tokens: rows are sorted by length, so think and short rows land in
+        # micro-batches of their own instead of short rows padded to a think row's length (40% less
+        # compute on a CPU; the losses are normalised over the whole step, so the split changes nothing)
         sft=dict(steps=2000, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                 max_len=positions, micro_batch_tokens=32768, save_every=500, grad_checkpointing=False),
-        rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=positions - 26, micro_batch_tokens=65536,
+                 max_len=positions, micro_batch_tokens=8192, save_every=500, grad_checkpointing=False),
+        rl=dict(steps=200, batch_size=32, group_size=8, lr=1e-4, max_new_tokens=positions - 26, micro_batch_tokens=8192,
                 grad_checkpointing=False),
         alpha="1.0", max_positions=positions, probe_every=10)
        for r, passes, positions in ((20, 3, 160), (39, 6, 256), (65, 10, 384))},
