@@ -269,8 +269,8 @@ def _stack(rows, mask):
 def rollout_metrics(rollout: Rollout, group_size, device, level_names=()):
     """Counts summed over ranks: think/short/malformed samples, accuracy per mode, all-correct/all-wrong
     groups... With level_names (every label of the data set, the same list on every rank) and a
-    "level" in each sample's details: think_by_level and samples_by_level, {label: count}, the think
-    share per level of this step's batch."""
+    "level" in each sample's details: think_by_level, short_by_level and samples_by_level, {label:
+    count}, the share of each mode per level of this step's batch (the rest chose no control token)."""
     modes = [d.get("mode") for d in rollout.details]
     correct = torch.tensor([bool(d.get("correct")) for d in rollout.details])
     think = torch.tensor([m == "think" for m in modes])
@@ -281,10 +281,10 @@ def rollout_metrics(rollout: Rollout, group_size, device, level_names=()):
     lengths = torch.tensor([len(r) for r in rollout.responses], dtype=torch.float64)
     groups = correct.view(-1, group_size)
     levels = [str(d.get("level")) for d in rollout.details]
-    by_level = []  # think, samples of each label
+    by_level = []  # think, short, samples of each label
     for name in level_names:
         rows = [i for i, lv in enumerate(levels) if lv == name]
-        by_level += [think[rows].sum(), len(rows)]
+        by_level += [think[rows].sum(), short[rows].sum(), len(rows)]
     sums = torch.tensor([len(modes), think.sum(), short.sum(), (correct & think).sum(), (correct & short).sum(),
                          correct.sum(), groups.all(1).sum(), (~groups).all(1).sum(), groups.shape[0],
                          rollout.rewards.sum(), lengths.sum(), rollout.truncated.sum(), malformed.sum()]
@@ -301,8 +301,8 @@ def rollout_metrics(rollout: Rollout, group_size, device, level_names=()):
                "reward": s[9] / n, "response_len": s[10] / n, "response_len_max": int(max_len.item()),
                "truncated_frac": s[11] / n}
     if level_names:
-        metrics["think_by_level"] = {name: int(s[13 + 2 * k]) for k, name in enumerate(level_names)}
-        metrics["samples_by_level"] = {name: int(s[14 + 2 * k]) for k, name in enumerate(level_names)}
+        for j, key in enumerate(("think_by_level", "short_by_level", "samples_by_level")):
+            metrics[key] = {name: int(s[13 + 3 * k + j]) for k, name in enumerate(level_names)}
     return metrics
 
 

@@ -305,7 +305,7 @@ def test_rollouts_are_graded_in_parallel(monkeypatch):
     assert [d["correct"] for d in r.details] == ["a", "a", "b", "b"] and r.prompts == [[1, 2, 3]] * 2 + [[4, 5]] * 2
 
 
-def test_rollout_metrics_count_think_per_level_and_malformed():
+def test_rollout_metrics_count_modes_per_level_and_malformed():
     from degrpo import Rollout, rollout_metrics
 
     modes = ["think", "short", None, "think", "short", "short", "think", "think"]
@@ -315,6 +315,7 @@ def test_rollout_metrics_count_think_per_level_and_malformed():
     rollout = Rollout([[0]] * 8, [[1, 2]] * 8, [[0.0, 0.0]] * 8, torch.zeros(8), details, torch.zeros(8, dtype=torch.bool))
     m = rollout_metrics(rollout, 4, "cpu", level_names=["1", "Level 5", "unseen"])
     assert m["think_by_level"] == {"1": 2, "Level 5": 2, "unseen": 0}
+    assert m["short_by_level"] == {"1": 1, "Level 5": 2, "unseen": 0}  # level 1's third sample chose no mode
     assert m["samples_by_level"] == {"1": 4, "Level 5": 4, "unseen": 0}
     assert (m["think"], m["short"], m["malformed"], m["samples"]) == (4, 3, 2, 8)
     plain = rollout_metrics(rollout, 4, "cpu")  # no level names: no per-level keys
