@@ -30,6 +30,10 @@ Outcome measures, fixed before the grid ran (issue 21). From each run's rl/metri
     forced-think accuracy: THINKLESS.md section 8's break-even). On the hard level, collapse to short
     is the harmful one; on levels 1-3 it is the routing the reward asks for;
   - counted per cell (r, method) as k of n warm-up seeds, on the first RL seed of each warm-up;
+  - added once the first run had shown it (descriptive, no change to the events or the criterion):
+    where a level's samples went when its think share fell, from short_by_level: its short share and
+    its share of samples with no control token at all (a format error, reward -1) over the last 20
+    steps; a collapse "to short" is then named by the larger of the two;
   - the probe, every probe_every RL steps on 25 held-out problems per level: p(<think>) as the model's
     exact probability of <think> as the first response token at the RL temperature (eval.
     mode_probabilities: one forward pass, no sampling), per level; accuracy and think ratio from

@@ -53,15 +53,18 @@ def longest_run(flags):
     return best
 
 
-def level_measures(think, samples, short_is_right):
-    """think, samples: per RL step, one level's counts -> the docstring's measures of that level."""
+def level_measures(think, samples, short_is_right, short=None):
+    """think, samples (and short): per RL step, one level's counts -> the docstring's measures of that
+    level; with short, where its samples went over the last 20 steps (short, or no control token)."""
     windows = [pooled(think[t - WINDOW: t], samples[t - WINDOW: t]) for t in range(WINDOW, len(think) + 1)]  # W(t)
     last = pooled(think[-LAST:], samples[-LAST:])
+    short_last = pooled(short[-LAST:], samples[-LAST:]) if short is not None else float("nan")
     low = min(range(len(windows)), key=windows.__getitem__) if windows else None
     to_think = longest_run(w > HIGH for w in windows) >= SUSTAIN or last > HIGH
     return {"share": [k / n if n else float("nan") for k, n in zip(think, samples)], "windows": windows,
             "min_w": windows[low] if windows else float("nan"), "min_w_step": WINDOW + low if windows else None,
             "below_steps": sum(n > 0 and k / n < LOW for k, n in zip(think, samples)), "last": last,
+            "short_last": short_last, "none_last": 1 - last - short_last,
             "to_short": longest_run(w < LOW for w in windows) >= SUSTAIN or last < LOW,
             "to_think": (to_think if short_is_right else None)}  # None: not counted on this level
 
@@ -77,9 +80,13 @@ def load_run(folder, warm):
     with open(os.path.join(folder, "rl", "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f]
     levels = toy_levels(steps[-1]["samples_by_level"])
-    measures = {lv: level_measures([m["think_by_level"][lv] for m in steps], [m["samples_by_level"][lv] for m in steps],
-                                   short_is_right(warm, lv)) for lv in levels}
-    probes = {lv: [(h["step"], h["levels"][lv]["p_think"]) for h in summary["history"]] for lv in levels}
+    counts = lambda key, lv: [m[key][lv] for m in steps] if key in steps[-1] else None
+    measures = {lv: level_measures(counts("think_by_level", lv), counts("samples_by_level", lv), short_is_right(warm, lv),
+                                   counts("short_by_level", lv)) for lv in levels}
+    probes = {key: {lv: [(h["step"], h["levels"][lv][key]) for h in summary["history"]] for lv in levels}
+              for key in ("p_think", "p_short")}
+    probes["p_none"] = {lv: [(s, 1 - t - q) for (s, t), (_, q) in zip(probes["p_think"][lv], probes["p_short"][lv])]
+                        for lv in levels}  # the first token is neither control token
     return {"summary": summary, "levels": measures, "probes": probes, "seed": int(summary["seed"])}
 
 
@@ -134,10 +141,18 @@ def spread(values, fmt=pct):
     return fmt(mean) + (f" ({fmt(min(values))}-{fmt(max(values))})" if len(values) > 1 else "")
 
 
+def no_mode(x):
+    """A level whose think share collapsed went mostly to no control token, not to <short>."""
+    return x["none_last"] > x["short_last"]
+
+
 def count(runs, level, event):
-    """'k/n' of the runs where `event` happened on `level` (runs where it is not counted left out)."""
-    flags = [r["levels"][level][event] for r in runs if r["levels"][level][event] is not None]
-    return f"{sum(flags)}/{len(flags)}" if flags else "-"
+    """'k/n' of the runs where `event` happened on `level` (runs where it is not counted left out); for
+    a collapse to short, how many of the k went mostly to no control token instead."""
+    ms = [r["levels"][level] for r in runs if r["levels"][level][event] is not None]
+    k = sum(x[event] for x in ms)
+    none = sum(x[event] and no_mode(x) for x in ms) if event == "to_short" else 0
+    return (f"{k}/{len(ms)}" + (f" ({none} no mode)" if none else "")) if ms else "-"
 
 
 def warmup_table(warm, levels):
@@ -184,8 +199,9 @@ def hard_level_tables(runs, hard):
         cells = []
         for s in seeds:
             x = by_seed[s]["levels"][hard] if s in by_seed else None
-            cells.append("" if x is None else f"{pct(x['min_w'])} @{x['min_w_step']}, {x['below_steps']} < 5%, "
-                                              f"last {pct(x['last'])}" + (" **short**" if x["to_short"] else ""))
+            cells.append("" if x is None else f"{pct(x['min_w'])} @{x['min_w_step']}, {x['below_steps']} < 5%, last "
+                         f"{pct(x['last'])} / {pct(x['short_last'])} / {pct(x['none_last'])}"
+                         + ((" **no mode**" if no_mode(x) else " **short**") if x["to_short"] else ""))
         per_seed.append(f"| {m} | " + " | ".join(cells) + " |")
     paired = [f"| method minus {BASELINE}, same warm-up and RL seed | min W, per seed | last 20, per seed | "
               "tokens after RL, per seed |", "|---|---|---|---|"]
@@ -233,7 +249,10 @@ def preset_text(preset, data, command, out):
         f"samples over a {WINDOW}-step window of the RL batches.", "",
         f"## The warm-up (test set, {len(warm)} seeds: mean (min-max))", "", *warmup_table(warm, levels), "",
         f"## Collapse events, k of n seeds (hard level: {hard})", "", *events, "",
-        f"## The hard level (level {hard}), seed by seed: min W @ its step, steps below 5%, last 20", "", *per_seed, "",
+        f"## The hard level (level {hard}), seed by seed", "",
+        "min W @ the step that ends its window, steps below 5%, and over the last 20 steps the share of its samples "
+        "that chose think / short / no control token; bold: the think share collapsed (to short, or to no mode).", "",
+        *per_seed, "",
         "## Paired differences on the hard level", "", *paired, "",
         "## Every level: mean (min-max) over seeds", "", *per_level, "",
         "## The test set after RL (one sample per problem at temperature 0.6)", "", *after, "",
@@ -257,20 +276,23 @@ def band(ax, xs, curves, **style):
 def preset_figure(preset, data, path, plt):
     runs = data["runs"]
     levels = toy_levels(next(iter(data["warm"].values()))["sft"]["levels"])
-    fig, axes = plt.subplots(2, len(levels), figsize=(4.2 * len(levels), 7), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(3, len(levels), figsize=(4.2 * len(levels), 10), sharey=True, squeeze=False)
     for k, (m, by_seed) in enumerate(runs.items()):
         rs = list(by_seed.values())
         for col, lv in enumerate(levels):
             windows = [r["levels"][lv]["windows"] for r in rs]
             band(axes[0][col], list(range(WINDOW, WINDOW + max(map(len, windows)))), windows, color=f"C{k}",
                  label=f"{m} ({len(rs)})")
-            probe = [r["probes"][lv] for r in rs]
-            band(axes[1][col], [s for s, _ in probe[0]], [[p for _, p in c] for c in probe], color=f"C{k}", marker=".")
+            for row, key in ((1, "p_think"), (2, "p_none")):
+                probe = [r["probes"][key][lv] for r in rs]
+                band(axes[row][col], [s for s, _ in probe[0]], [[p for _, p in c] for c in probe], color=f"C{k}",
+                     marker=".")
     for col, lv in enumerate(levels):
         axes[0][col].set(title=f"level {lv} ({toy.PRESETS[preset].task.nonzero[int(lv) - 1]} nonzero): batch think share",
                          xlabel=f"RL step (end of a {WINDOW}-step window)")
         axes[1][col].set(title=f"level {lv}: probe, exact p(<think>)", xlabel="RL step")
-        for row in (0, 1):
+        axes[2][col].set(title=f"level {lv}: probe, p(no control token first)", xlabel="RL step")
+        for row in (0, 1, 2):
             axes[row][col].axhline(LOW, color="grey", lw=0.6, ls=":")
             axes[row][col].set_ylim(-0.02, 1.02)
             axes[row][col].grid(alpha=0.3)
@@ -293,9 +315,11 @@ def phase(presets, grids, method_order, path, plt):
             rs = list(grids[p]["runs"].get(m, {}).values())
             hard = toy_levels(rs[0]["levels"])[-1] if rs else None
             k = sum(r["levels"][hard]["to_short"] for r in rs)
+            none = sum(r["levels"][hard]["to_short"] and no_mode(r["levels"][hard]) for r in rs)
             row.append(k / len(rs) if rs else float("nan"))
             mean_min_w = sum(r["levels"][hard]["min_w"] for r in rs) / len(rs) if rs else float("nan")
-            text.append(f"{k}/{len(rs)}\nmin W {pct(mean_min_w)}" if rs else "")
+            text.append(f"{k}/{len(rs)}" + (f" ({none} no mode)" if none else "") + f"\nmin W {pct(mean_min_w)}"
+                        if rs else "")
         share.append(row)
         labels.append(text)
     fig, ax = plt.subplots(figsize=(2.2 * len(methods) + 1.5, 1.1 * len(presets) + 1.6))
@@ -306,7 +330,8 @@ def phase(presets, grids, method_order, path, plt):
                     color="white" if share[i][j] > 0.6 else "black")
     ax.set_xticks(range(len(methods)), methods)
     ax.set_yticks(range(len(presets)), [f"r = {toy.length_ratio(toy.PRESETS[p].task):.0f}" for p in presets])
-    ax.set_title("seeds whose hard level collapsed to <short>\n(k/n; mean of its lowest 10-step think share)", fontsize=10)
+    ax.set_title("seeds whose hard level's think share collapsed (< 5%): k/n, how many of them to no control\n"
+                 "token rather than <short>, and the mean of its lowest 10-step think share", fontsize=10)
     fig.colorbar(im, ax=ax, label="share of seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -359,7 +384,7 @@ def write_report(presets, out, docs, command, method_order):
         for m in methods:
             rs = list(grids[p]["runs"].get(m, {}).values())
             hard = toy_levels(rs[0]["levels"])[-1] if rs else None
-            cells.append(f"{sum(r['levels'][hard]['to_short'] for r in rs)}/{len(rs)}" if rs else "")
+            cells.append(count(rs, hard, "to_short") if rs else "")
         rows.append(f"| {toy.length_ratio(toy.PRESETS[p].task):.1f} ({p}) | " + " | ".join(cells) + f" | {criterion(grids[p])} |")
     text = "\n".join([
         "# The phase diagram: where the hard level collapsed to short", "",

@@ -66,3 +66,15 @@ def test_collapse_needs_fifty_windows_below_five_percent_or_the_last_twenty():
     # windows pool samples: 1 think of 10 samples, then 0 of 30 for nine steps, is 1/280 (not a mean of shares)
     m = study_report.level_measures([1] + [0] * 9, [10] + [30] * 9, short_is_right=True)
     assert m["windows"] == [1 / 280]
+
+
+def test_where_a_collapsed_level_went():
+    """With the short counts, the last 20 steps split into think / short / no control token; a
+    collapse is named by the larger of short and no control token."""
+    think, samples = counts([0.5] * 180 + [0.0] * 20)
+    short, _ = counts([0.5] * 180 + [0.25] * 20)  # the rest of the last 20 steps chose no control token
+    m = study_report.level_measures(think, samples, short_is_right=False, short=short)
+    assert m["to_short"] and (m["last"], m["short_last"], m["none_last"]) == (0, 0.25, 0.75)
+    assert study_report.no_mode(m)
+    short, _ = counts([0.5] * 180 + [1.0] * 20)
+    assert not study_report.no_mode(study_report.level_measures(think, samples, False, short))
