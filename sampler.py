@@ -212,8 +212,8 @@ class Runner:
         self.device, self.context, self.compiled = device, cfg.max_position_embeddings, compile
         self.steps = self.row_steps = 0  # decode steps, and rows decoded summed over them (stats)
         # (rows,) each: the input token, its position, tokens generated, their limit; and not finished
-        self.tok, self.pos, self.count, self.limit = torch.zeros(4, rows, dtype=torch.long, device=device)
-        self.alive = torch.zeros(rows, dtype=torch.bool, device=device)  # (rows,)
+        self.tok, self.pos, self.count, self.limit, self.alive = (torch.zeros(rows, dtype=dtype, device=device)
+                                                                  for dtype in 4 * (torch.long,) + (torch.bool,))
         # (rows, max_new_tokens + 1) each, per row and step: token, log-prob, uniform; one spare column: a
         # finished row keeps writing at its count, past its last token
         self.out_tok, self.out_lp, self.draws = (torch.zeros(rows, max_new_tokens + 1, dtype=dtype, device=device)
