@@ -59,10 +59,11 @@ def test_transformers_models_import_from_the_root_with_kernels_installed(tmp_pat
     """A stand-in `kernels` distribution (at the lowest version transformers supports, so that
     transformers uses it) on PYTHONPATH, which sys.path puts after the current folder; from the
     project's root, `import kernels` must find the stand-in and transformers' Qwen2 model class must
-    import. With our kernel folder named `kernels/` (before issue 22) this failed as transformers 5.25
-    with kernels 0.19.1 does: `import kernels` found our folder, and transformers' hub integration
-    (`from kernels import CUDAProperties, ...`) raised ImportError: cannot import name
-    'CUDAProperties' from 'kernels' (.../kernels/__init__.py)."""
+    import. With our kernel folder named `kernels/` (before issue 22) this failed: `import kernels`
+    found our folder (the first check here), and transformers' hub integration (`from kernels import
+    CUDAProperties, ...`) raised ImportError: cannot import name 'CUDAProperties' from 'kernels'
+    (.../kernels/__init__.py), as the issue measured with transformers 5.25 and kernels 0.19.1 (checked
+    by hand with transformers 5.23 and this stand-in)."""
     from transformers.dependency_versions_table import deps
 
     version = re.search(r">=\s*([\d.]+)", deps["kernels"]).group(1)  # e.g. "kernels>=0.18.2,<0.19"
