@@ -1,5 +1,5 @@
 """
-Benchmark of kernels.fused_logprobs: peak memory and time of forward + backward, against
+Benchmark of logprob_kernels.fused_logprobs: peak memory and time of forward + backward, against
   naive     the full-logits path every trainer starts with: logits = h @ W^T in the model dtype,
             .float(), log_softmax, gather  ([N, V] several times over, and again in the backward)
   compiled  the same math chunked over tokens (1024 at a time), each chunk torch.compile'd and
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import fused_logprobs
+from logprob_kernels import fused_logprobs
 
 
 def naive_logprobs(hidden, weight, targets, temperature):

@@ -51,25 +51,37 @@ LOSS_AGGS = ("seq-mean", "token-mean")  # policy_loss's aggregations (module doc
 
 
 def group_advantages(rewards, group_size, std_normalize=False):
-    """rewards [B*G] (groups of G consecutive samples) -> A [B*G], A_i = r_i - mean_group(r).
+    """rewards [B*G] -> A [B*G], A_i = r_i - mean_group(r).
 
+    The groups are read by position: samples g*G .. g*G + G-1 are prompt g's (the order generate() and
+    sample_rollouts return). Rewards in another order (interleaved prompts, say) are averaged across
+    prompts without an error: the official code groups by a prompt id instead.
     std_normalize=True is the original GRPO form A_i = (r_i - mean) / (std + 1e-6); the official
-    Thinkless run uses the Dr. GRPO form without it.
+    Thinkless run uses the Dr. GRPO form without it. A group of one sample has no baseline: as in the
+    official code (verl: mean 0, std 1 for a lone sample), A = r (r / (1 + 1e-6) with std_normalize).
     """
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size={group_size!r}: expected an int >= 1 (samples per prompt)")
     if rewards.numel() % group_size:
         raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
     r = rewards.float().view(-1, group_size)  # (B, G)
-    adv = r - r.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        mean, std = torch.zeros_like(r), torch.ones_like(r)
+    else:
+        mean, std = r.mean(dim=1, keepdim=True), r.std(dim=1, keepdim=True)  # (B, 1) each
+    adv = r - mean
     if std_normalize:
-        adv = adv / (r.std(dim=1, keepdim=True) + 1e-6)
+        adv = adv / (std + 1e-6)
     return adv.view(-1)
 
 
-def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num_seqs=None, num_tokens=None,
+def policy_loss(logp, old_logp, advantages, mask, *, alpha, clip_eps=0.2, num_seqs=None, num_tokens=None,
                 loss_agg=None):
-    """The clipped surrogate, decoupled (alpha given) or vanilla GRPO (alpha=None), aggregated by
-    loss_agg: "seq-mean", "token-mean" or None (the default of each: seq-mean for vanilla GRPO as
-    the paper writes it, token-mean for DeGRPO's answer term as the official code runs it).
+    """The clipped surrogate, decoupled (DeGRPO: alpha, the control term's weight, a number; the official
+    run's is 0.001) or vanilla GRPO (alpha=None). alpha has no default: the method is the caller's choice.
+    loss_agg: "seq-mean" or "token-mean"; None takes the method's own default, which differs with alpha:
+    seq-mean for vanilla GRPO (as the paper writes it), token-mean for DeGRPO's answer term (as the
+    official code runs it). Pass it explicitly to compare the two methods under one aggregation.
 
     logp, old_logp, mask: [B, T], column 0 = the control token, mask = real response tokens.
     advantages: [B]. Returns (loss, clip fraction of the masked tokens).
@@ -79,26 +91,30 @@ def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num
       num_seqs = number of responses n (the control term, and every seq-mean)
       num_tokens = number of tokens N of a token-mean: answer tokens (t >= 1) for DeGRPO, all
                    response tokens (control token included) for vanilla GRPO
-    The per-response 1/(T_i+1) or 1/T_i of seq-mean is local to a row, so it needs no count.
+    A count given must be positive (0 is refused, not read as "not given"). The per-response
+    1/(T_i+1) or 1/T_i of seq-mean is local to a row, so it needs no count.
     """
     if not (logp.shape == old_logp.shape == mask.shape) or advantages.shape != logp.shape[:1]:
         raise ValueError(f"shapes: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
                          f"{tuple(mask.shape)} must match and advantages {tuple(advantages.shape)} must be [B]")
-    loss_agg = loss_agg or ("seq-mean" if alpha is None else "token-mean")
+    loss_agg = ("seq-mean" if alpha is None else "token-mean") if loss_agg is None else loss_agg
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg={loss_agg!r}: expected one of {LOSS_AGGS}")
+    for name, count in (("num_seqs", num_seqs), ("num_tokens", num_tokens)):
+        if count is not None and not count > 0:
+            raise ValueError(f"{name}={count!r}: expected a positive count, or None to count the mask's")
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)  # (B, T) rho = pi_theta / pi_old
     adv = advantages[:, None].float()  # (B, 1): every token of response i shares A_i
     unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
     per_token = -torch.min(unclipped, clipped) * mask  # (B, T) L_{i,t}
     clip_frac = ((clipped < unclipped).float() * mask).sum() / mask.sum().clamp(min=1)
-    n = num_seqs or mask[:, 0].sum().clamp(min=1)
+    n = mask[:, 0].sum().clamp(min=1) if num_seqs is None else num_seqs
 
     def aggregate(L, m):  # L, m: (B, T') the tokens of one objective
         if loss_agg == "seq-mean":  # (1/n) sum_i (1/T'_i) sum_t L_{i,t}
             return (L.sum(1) / m.sum(1).clamp(min=1)).sum() / n
-        return L.sum() / (num_tokens or m.sum().clamp(min=1))  # (1/N) sum_{i,t} L_{i,t}
+        return L.sum() / (m.sum().clamp(min=1) if num_tokens is None else num_tokens)  # (1/N) sum_{i,t} L_{i,t}
 
     if alpha is None:  # vanilla GRPO: the control token is one more token of the response
         return aggregate(per_token, mask), clip_frac
@@ -108,8 +124,9 @@ def policy_loss(logp, old_logp, advantages, mask, alpha=0.001, clip_eps=0.2, num
 
 def kl_k3(logp, ref_logp):
     """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0,
-    clamped to [-10, 10] as the official `low_var_kl`: one token the policy has made far likelier
-    than the reference (exp of a large log-ratio) would otherwise dominate the step."""
+    clamped to [-10, 10] as the official `low_var_kl`. It grows exponentially where the policy has made
+    a token far LESS likely than the reference (ref - logp large) and only linearly where it has made
+    one more likely; the clamp keeps one such token from dominating the step."""
     log_ratio = ref_logp - logp
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
 
@@ -199,7 +216,10 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
     """cfg.updates_per_rollout optimizer steps over mini-batches of the rollout; returns metrics.
     Log-probs are over the first vocab_size rows of lm_head, the rows the sampler draws from.
     Mini-batch k holds the groups whose global prompt index (first_index + local index) is k modulo
-    updates_per_rollout: the same mini-batches however the batch is split over ranks."""
+    updates_per_rollout: the same mini-batches however the batch is split over ranks.
+    world_size: each rank's loss is its share of the whole step's loss, scaled by world_size before
+    backward because the policy is assumed to AVERAGE gradients over ranks, as FSDP2 (and DDP) do.
+    Where gradients are summed over ranks instead, pass world_size=1."""
     device = model_device(policy)
     n = len(rollout.responses)
     keep = [i for i in range(n) if not (cfg.drop_equal_groups and rollout.details[i].get("group_equal"))]
@@ -221,7 +241,7 @@ def rl_update(policy, ref_model, optimizer, rollout: Rollout, advantages, cfg: R
     splits = [[i for i in keep if (first_index + i // cfg.group_size) % U == k] for k in range(U)]
     for split in splits:
         # Denominators of the whole mini-batch, summed over ranks: each micro-batch's loss is a sum
-        # divided by these, times world_size because FSDP/DDP average gradients over ranks.
+        # divided by these, times world_size because FSDP/DDP average gradients over ranks (docstring).
         counts = torch.tensor([len(split), sum(len(rollout.responses[i]) - 1 for i in split),
                                sum(len(rollout.responses[i]) for i in split)], dtype=torch.float64)
         num_seqs, num_answer, num_all = all_reduce_sum(counts, device).tolist()

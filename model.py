@@ -14,7 +14,7 @@ Two hooks let the rest of the project drive the model without copying it:
     slot p of row r holds position p of that row's sequence. A query at position p attends to slots
     <= p of its row, so rows of different lengths share a batch and a finished row restarts at 0.
   - `head(hidden [B, T, H], lm_head weight [V, H])`, called instead of the lm_head: the losses compute
-    fused log-probs (kernels/) without the [B, T, V] logits, inside forward() where FSDP's hooks see it.
+    fused log-probs (logprob_kernels/) without the [B, T, V] logits, inside forward() where FSDP's hooks see it.
 """
 
 import json

@@ -3,9 +3,8 @@ Batched sampling from a Transformer with a static KV cache: prompts in, completi
 
 Rollouts are most of the cost of RL training, so this file is about keeping the decode batch full:
 
-- One static KVCache (model.py) of `max_batch` rows, written in place (gpt-fast style). Row r, slot
-  p holds the key/value of position p of the sequence that row r is decoding; positions start at 0
-  in every row, and the model's mask lets a query at position p see slots <= p of its row only. So
+- One static KVCache (model.py) of `max_batch` rows, written in place (gpt-fast style): slot p of row r
+  holds position p of the row's sequence and a query at position p sees slots <= p of its row only, so
   rows of different lengths decode together, and a finished row is reused by starting again at 0.
 - Continuous refill (nano-vllm style): a waiting sequence takes a row as soon as one is free, so one
   long response does not hold the rest of the batch idle. When nothing is left to admit, live rows
@@ -16,19 +15,18 @@ Rollouts are most of the cost of RL training, so this file is about keeping the 
   prompt token is the first input of the decode step. So every sampled token, the first included,
   comes out of one code path, and a prefill never builds a [tokens, vocab] tensor. Its rows start at
   position 0: plain causal attention, no mask (so flash attention can run).
-- The cache can be passed in (new_cache): a trainer allocates it once, for its longest prompt and
-  response, and every rollout reuses it.
-- Reproducible whatever max_batch is: token t of sample j of prompt i is drawn by inverse-CDF
-  sampling with the uniform number hash(seed, first_index + i, j, t) (a counter-based hash; see
-  generate() for first_index), not from one global random stream. A row's numbers for all its steps
-  are computed on the device when it is admitted, so a decode step reads one of them and sampling
-  needs no host sync; the host reads the rows' state back once every `sync_every` steps.
-- Padded vocabulary rows (ids >= vocab_size) are cut off the logits before anything else.
+- Reproducible whatever max_batch is: token t of sample j of prompt i is drawn by inverse-CDF sampling
+  with the uniform number hash(seed, first_index + i, j, t) (a counter-based hash), not from one global
+  random stream. A row's numbers for all its steps are computed on the device when it is admitted, so
+  sampling needs no host sync; the host reads the rows' state back once every `sync_every` steps.
 
 `compile=True` compiles the decode step with torch.compile for a GPU: dynamic shapes (the rows and
 slots decoded vary), CUDA graphs (a decode step of the 1.5B model is ~1,200 small ops: launching
 them costs more CPU time than the GPU needs to run them), the rows and slots rounded up to a few
 buckets so that each recorded graph is replayed. A CPU test checks that it samples the eager tokens.
+
+The sections split the work as nano-vllm does: the sampling math; the Scheduler (host-side lists: which
+sequence holds which row); the Runner (the device: cache, rows' state, prefill, decode steps); generate().
 """
 
 import copy
@@ -46,12 +44,12 @@ M32 = 0xFFFFFFFF
 @dataclass
 class Completion:
     tokens: list[int]  # generated ids, the stop token included when one ended the row
-    logprobs: list[float]  # log-prob of each token under the distribution it was sampled from (see generate)
+    logprobs: list[float]  # log-prob of each token under the (top-k / top-p cut) distribution it was drawn from
     finish_reason: str  # "stop" (a stop id was generated) or "length" (max_new_tokens or the context)
 
 
 # -----------------------------------------------------------------------------
-# Randomness: a counter-based hash, identical on the host (Python ints) and the device (int64 tensors)
+# The sampling math: random numbers from a counter-based hash (host and device agree); logits -> a token
 
 
 def hash32(x):
@@ -73,10 +71,6 @@ def uniform(keys, steps):
     """keys, steps int64 (broadcast together) -> fp64 uniforms in (0, 1), a pure function of (key, step)."""
     bits = hash32(hash32(keys ^ hash32(steps)) ^ 0x5BD1E995)  # two rounds: one stream per sequence
     return (bits.double() + 0.5) / 2**32
-
-
-# -----------------------------------------------------------------------------
-# One decode step: last tokens in, next tokens and their log-probs out (all on the device)
 
 
 def sample(logits, u, temperature, top_p, top_k, vocab_size):
@@ -107,6 +101,71 @@ def sample(logits, u, temperature, top_p, top_k, vocab_size):
     x = u[:, None] * cdf[:, -1:]  # (B, 1), strictly below the total
     tokens = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) number of entries <= x
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# The scheduler: which sequence each row decodes, in host-side lists; the runner does the device work
+
+
+class Scheduler:
+    """A sequence (prompt i, sample j) waits, takes a free row of the decode batch (admit), may move to a
+    lower free row (pack), and leaves its row when it finishes (finish)."""
+
+    def __init__(self, prompts, n, rows, stop_ids):
+        self.prompts, self.stop_ids = prompts, set(stop_ids)
+        self.waiting = [(i, j) for i in range(len(prompts)) for j in range(n)][::-1]  # pop() takes the next
+        self.seq = [None] * rows  # (prompt index, sample index) decoded in each row, None when free
+        self.pos = [0] * rows  # each busy row's next position, advanced per window (no device read)
+        self.results = [[None] * n for _ in prompts]  # results[i][j]: a Completion once finished
+
+    def busy(self):
+        return [r for r, s in enumerate(self.seq) if s is not None]
+
+    def admit(self):
+        """Waiting sequences into free rows -> new [(row, i, j)], prefill {i: row}, copies [(from row, row, slots)]."""
+        free = [r for r, s in enumerate(self.seq) if s is None]
+        live = {s[0]: r for r, s in enumerate(self.seq) if s is not None}  # prompt -> a row holding it
+        new, prefill, copies = [], {}, []
+        for r in free[:len(self.waiting)]:
+            i, j = self.waiting.pop()
+            new.append((r, i, j))
+            self.seq[r], self.pos[r] = (i, j), len(self.prompts[i]) - 1
+            src = live.get(i, prefill.get(i))  # prefix sharing: a row that holds prompt i, or will
+            if src is None:
+                prefill[i] = r
+            else:
+                copies.append((src, r, len(self.prompts[i]) - 1))
+        return new, prefill, copies
+
+    def pack(self):
+        """Busy rows past the first len(busy) into free rows below -> (sources, destinations, slots written)."""
+        busy = self.busy()
+        src = [r for r in busy if r >= len(busy)]
+        dst = [r for r in range(len(busy)) if self.seq[r] is None]
+        used = max(self.pos[a] for a in src)
+        for a, b in zip(src, dst):
+            self.seq[b], self.seq[a] = self.seq[a], None
+            self.pos[b] = self.pos[a]
+        return src, dst, used
+
+    def next_window(self, steps):
+        """The busy rows, and the slots they reach within `steps` decode steps; advances their positions."""
+        busy = self.busy()
+        reach = max(self.pos[r] for r in busy) + steps
+        for r in busy:
+            self.pos[r] += steps
+        return busy, reach
+
+    def finish(self, outputs):
+        """outputs {row: (tokens, log-probs)} of the rows that stopped: their Completions; frees the rows."""
+        for r, (tokens, logprobs) in outputs.items():
+            i, j = self.seq[r]
+            self.results[i][j] = Completion(tokens, logprobs, "stop" if tokens[-1] in self.stop_ids else "length")
+            self.seq[r] = None
+
+
+# -----------------------------------------------------------------------------
+# The runner: the KV cache and the rows' state on the device; prefill, prefix copies, decode steps
 
 
 def decode_step(model, cache, slots, tok, pos, u, temperature, top_p, top_k, vocab_size):
@@ -141,8 +200,151 @@ def new_cache(model: Transformer, rows, prompt_len, max_new_tokens) -> KVCache:
     return KVCache(cfg, rows, min(prompt_len + max_new_tokens - 1, cfg.max_position_embeddings), w.dtype, w.device)
 
 
+class Runner:
+    """The scheduler's decisions carried out on the device: row r of the cache and of every tensor below is
+    the scheduler's row r. A row fed token t at position p samples the token at p + 1."""
+
+    def __init__(self, model, cache, prompts, rows, max_len, max_new_tokens, sampling, stop_ids, seed, first_index,
+                 compile):
+        cfg, device = model.config, cache.k.device
+        self.model, self.cache, self.prompts, self.rows, self.max_len = model, cache, prompts, rows, max_len
+        self.max_new_tokens, self.sampling, self.seed, self.first_index = max_new_tokens, sampling, seed, first_index
+        self.device, self.context, self.compiled = device, cfg.max_position_embeddings, compile
+        self.steps = self.row_steps = 0  # decode steps, and rows decoded summed over them (stats)
+        # (rows,) each: the input token, its position, tokens generated, their limit; and not finished
+        self.tok, self.pos, self.count, self.limit, self.alive = (torch.zeros(rows, dtype=dtype, device=device)
+                                                                  for dtype in 4 * (torch.long,) + (torch.bool,))
+        # (rows, max_new_tokens + 1) each, per row and step: token, log-prob, uniform; one spare column: a
+        # finished row keeps writing at its count, past its last token
+        self.out_tok, self.out_lp, self.draws = (torch.zeros(rows, max_new_tokens + 1, dtype=dtype, device=device)
+                                                 for dtype in (torch.long, torch.float32, torch.float64))
+        self.is_stop = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # (V,) a lookup, not a search
+        self.is_stop[stop_ids] = True
+        self.step_fn = decode_step
+        if compile:  # one dynamic graph for all the shapes (CUDA graphs are recorded per bucket)
+            cuda = device.type == "cuda"
+            self.step_fn = torch.compile(decode_step, dynamic=True, mode="reduce-overhead" if cuda else None)
+            if cuda:  # the cache is written in place inside the graph, at a fixed address
+                torch._dynamo.mark_static_address(cache.k), torch._dynamo.mark_static_address(cache.v)
+
+    def admit(self, new, prefill, copies):
+        """Readies the rows of newly admitted sequences (Scheduler.admit's three lists)."""
+        if not new:
+            return
+        self.prefill(prefill)
+        if copies:  # all shared prefixes in one indexed copy; the slots past a prompt are don't-care
+            src, dst, slots = zip(*copies)
+            self.copy_cache_rows(src, dst, max(slots))
+        state = torch.tensor([[r, self.prompts[i][-1], len(self.prompts[i]) - 1,
+                               min(self.max_new_tokens, self.context - len(self.prompts[i])),
+                               sequence_key(self.seed, self.first_index + i, j)] for r, i, j in new]).to(self.device)
+        r = state[:, 0]  # (new,): the rows; then each row's first input token, its position, limit, random stream
+        self.tok[r], self.pos[r], self.limit[r], self.count[r], self.alive[r] = *state[:, 1:4].T, 0, True
+        self.draws[r] = uniform(state[:, 4:], torch.arange(self.max_new_tokens + 1, device=self.device))  # all steps
+
+    def prefill(self, rows_of):
+        """prompt[:-1] of each prompt i into cache row rows_of[i], in chunks of about PREFILL_TOKENS."""
+        todo = sorted(((len(self.prompts[i]) - 1, i, r) for i, r in rows_of.items()), reverse=True)
+        while todo and todo[0][0] > 0:  # a one-token prompt has nothing to prefill
+            T = todo[0][0]  # longest first: a chunk pads to its first prompt
+            chunk, todo = todo[:max(1, PREFILL_TOKENS // T)], todo[max(1, PREFILL_TOKENS // T):]
+            idx = torch.zeros(len(chunk), T, dtype=torch.long)  # (chunk, T)
+            for b, (L, i, _) in enumerate(chunk):
+                idx[b, :L] = torch.tensor(self.prompts[i][:-1])
+            # Positions 0..T-1 (None): causal attention over the chunk, no mask. Padding continues the
+            # positions past the prompt: it writes slots that the row's own decode overwrites before any
+            # query can see them. The head returns nothing: no logits.
+            rows = torch.tensor([r for _, _, r in chunk], device=self.device)
+            self.model(idx.to(self.device), kv_cache=window(self.cache, self.rows, T), cache_rows=rows,
+                       head=lambda h, w: None)
+
+    def copy_cache_rows(self, src, dst, slots):
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for t in (self.cache.k, self.cache.v):
+            t[:, d, :slots] = t[:, s, :slots]
+
+    def move(self, src, dst, slots):
+        """Rows src -> rows dst (Scheduler.pack): their first `slots` cache slots and their state."""
+        self.copy_cache_rows(src, dst, slots)
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for t in (self.tok, self.pos, self.count, self.limit, self.alive, self.out_tok, self.out_lp, self.draws):
+            t[d] = t[s]
+
+    def decode_window(self, busy, reach, steps):
+        """`steps` decode steps of rows 0..busy[-1] over the slots they reach (< reach), with no host sync, then
+        the window's one read -> {row: (tokens, log-probs)} of the busy rows that stopped. Slots come in blocks
+        of 64, rows and blocks in buckets when compiled: fewer shapes."""
+        rows, slots = busy[-1] + 1, -(-reach // 64)
+        if self.compiled:
+            rows, slots = min(self.rows, bucket(rows)), bucket(slots)
+        slots = min(self.max_len, 64 * slots)
+        row_ids = torch.arange(rows, device=self.device)
+        # the state of the decoded rows: views, so the in-place updates below write the full tensors
+        tok, pos, count, limit, alive = (t[:rows] for t in (self.tok, self.pos, self.count, self.limit, self.alive))
+        pos.clamp_(max=slots - 1)  # free rows decode garbage, inside the window (live ones are < slots)
+        for _ in range(steps):
+            nxt, lp = self.step_fn(self.model, self.cache, slots, tok, pos, self.draws[row_ids, count], *self.sampling)
+            self.out_tok[row_ids, count], self.out_lp[row_ids, count] = nxt, lp
+            count += alive
+            alive &= (count < limit) & ~self.is_stop[nxt]
+            tok.copy_(nxt)
+            pos += alive  # finished and free rows stay where they are, inside the window
+        self.steps, self.row_steps = self.steps + steps, self.row_steps + steps * rows
+        running = self.alive[:rows].tolist()  # the window's one host read
+        done = [r for r in busy if not running[r]]
+        if not done:
+            return {}
+        d = torch.tensor(done, device=self.device)  # a second read, of the columns written only
+        counts = self.count[d].tolist()
+        tokens, logprobs = self.out_tok[d, :max(counts)].tolist(), self.out_lp[d, :max(counts)].tolist()
+        return {r: (t[:c], lp[:c]) for r, c, t, lp in zip(done, counts, tokens, logprobs)}
+
+
 # -----------------------------------------------------------------------------
-# The scheduler
+# generate(): the scheduler decides, the runner carries it out, one window of decode steps at a time
+
+
+def check_inputs(model, prompts, stop_ids, vocab_size, n, max_new_tokens, max_batch, temperature, top_p, top_k,
+                 sync_every, first_index, seed):
+    """Bad input, refused before any work, naming what was expected."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: expected a non-empty list of token-id lists")
+    V, context = model.config.vocab_size, model.config.max_position_embeddings
+    if not 0 < vocab_size <= V:
+        raise ValueError(f"vocab_size={vocab_size}: expected 1..{V} (the model's vocab_size)")
+    not_ids = lambda ids: [t for t in ids if not (isinstance(t, int) and 0 <= t < V)]  # noqa: E731
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty: expected at least one token id")
+        if len(p) >= context:
+            raise ValueError(f"prompts[{i}] has {len(p)} tokens: the model's context is {context} "
+                             f"(max_position_embeddings), which leaves no room for a new token")
+        if not_ids(p):
+            raise ValueError(f"prompts[{i}] holds token id {not_ids(p)[0]!r}: expected ints in [0, {V})")
+    if not_ids(stop_ids):
+        raise ValueError(f"stop_ids holds {not_ids(stop_ids)[0]!r}: expected ints in [0, {V})")
+    is_int = lambda x, low: isinstance(x, int) and x >= low  # noqa: E731
+    for name, value, ok, expected in (
+            ("n", n, is_int(n, 1), "an int >= 1 (samples per prompt)"),
+            ("max_new_tokens", max_new_tokens, is_int(max_new_tokens, 1), "an int >= 1"),
+            ("max_batch", max_batch, is_int(max_batch, 1), "an int >= 1"),
+            ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", top_p, 0 < top_p <= 1, "a value in (0, 1]"),
+            ("top_k", top_k, is_int(top_k, 0), "an int >= 0 (0 = no top-k)"),
+            ("sync_every", sync_every, sync_every is None or is_int(sync_every, 1), "an int >= 1 (steps per read)"),
+            ("first_index", first_index, is_int(first_index, 0), "an int >= 0"),
+            ("seed", seed, seed is None or isinstance(seed, int), "an int or None")):
+        if not ok:
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def check_cache(cache, model, rows, slots):
+    k, w, cfg = cache.k, model.embed_tokens.weight, model.config
+    layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim  # as new_cache allocates
+    if not (k.dim() == 5 and (k.shape[0], *k.shape[3:]) == (layers, kv, hd) and k.shape[1] >= rows
+            and k.shape[2] >= slots and k.dtype == w.dtype and k.device == w.device):
+        raise ValueError(f"cache.k is {tuple(k.shape)} {k.dtype} on {k.device}: expected ({layers}, >= {rows} rows, >= "
+                         f"{slots} slots, {kv}, {hd}) {w.dtype} on {w.device} (see new_cache)")
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: cheaper than no_grad for small decode ops
@@ -152,207 +354,47 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """Samples n completions of each prompt; result[i][j] is the j-th completion of prompts[i].
 
     temperature 0 is greedy. Log-probs are those of the distribution each token was drawn from:
-    log_softmax(logits / temperature) restricted to the kept set (ids < vocab_size, top_k, top_p) and
-    renormalised over it; with top_k=0, top_p=1 that is the plain tempered log-softmax over the real
-    vocabulary. Greedy reports log_softmax(logits) (temperature 1) at the chosen token.
+    log_softmax(logits / temperature) over the kept set (ids < vocab_size, top_k, top_p), renormalised over it.
+    With top_k=0, top_p=1 that is the tempered log-softmax over the real vocabulary, what an RL trainer computes
+    (degrpo.py samples so); with top_k or top_p < 1 it is NOT the trainer's log-prob of the same token (it is
+    larger: the kept mass is < 1). Greedy reports log_softmax(logits) at the token.
     vocab_size: ids >= vocab_size (padded embedding rows) are never sampled; default all rows.
-    seed: the same seed gives the same tokens for any max_batch and refill (None: drawn from torch's
-    RNG), as long as the model gives the same logits; log-probs may differ in the last bits, as
-    matmuls round differently for different batch shapes.
-    max_batch: rows decoded together (the KV cache has max_batch rows of the longest prompt +
-    max_new_tokens slots). refill=False admits a new batch only once every row has finished (the
-    static batching baseline of the benchmark). sync_every: decode steps between host reads of the
-    rows' state (default 1 on CPU, 8 on CUDA; a finished row idles until the next read).
-    compile: torch.compile the decode step, with CUDA graphs on a GPU (mode "reduce-overhead": a step
-    is hundreds of small kernels); the rows and slots decoded are then rounded up by bucket(), so that
-    a few shapes recur. Meant for a GPU: on a CPU the eager step is faster.
+    seed: the same seed gives the same tokens for any max_batch and refill, if the model gives the same logits
+    (log-probs may differ in the last bits: matmuls round differently for other batch shapes). seed=None draws
+    a seed from torch's global RNG: ranks sample different numbers unless seeded alike; pass them one seed.
+    max_batch: rows decoded together (the KV cache has max_batch rows of the longest prompt + max_new_tokens
+    slots). refill=False admits a new batch only once every row has finished (the static batching baseline of
+    the benchmark). sync_every: decode steps between host reads of the rows' state (default 1 on CPU, 8 on CUDA;
+    a finished row idles until the next read).
+    compile: the decode step compiled (module docstring), for a GPU: on a CPU the eager step is faster.
     stats: a dict, if given, receives steps, row_steps (rows decoded, summed over steps), tokens.
-    first_index: the index of prompts[0] in a larger batch split over calls (or ranks): prompt i draws
-    its numbers as prompt first_index + i, so a split batch samples what the whole batch would.
-    cache: a KVCache from new_cache() with at least min(max_batch, len(prompts) * n) rows and the slots
-    of the longest prompt + max_new_tokens - 1, reused (its old contents are never read); default: a new one.
+    first_index: the index of prompts[0] in a larger batch split over calls (or ranks): prompt i draws its
+    numbers as prompt first_index + i, so a split batch samples what the whole batch would.
+    cache: a KVCache from new_cache() with at least min(max_batch, len(prompts) * n) rows and the slots of the
+    longest prompt + max_new_tokens - 1, reused (its old contents are never read); default: a new one.
     """
     cfg, device = model.config, model.embed_tokens.weight.device
-    context = cfg.max_position_embeddings
     vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
-    # -- bad input, before any work
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts: expected a non-empty list of token-id lists")
-    if not 0 < vocab_size <= cfg.vocab_size:
-        raise ValueError(f"vocab_size={vocab_size}: expected 1..{cfg.vocab_size} (the model's vocab_size)")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompts[{i}] is empty: expected at least one token id")
-        if len(p) >= context:
-            raise ValueError(f"prompts[{i}] has {len(p)} tokens: the model's context is {context} "
-                             f"(max_position_embeddings), which leaves no room for a new token")
-        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
-        if bad:
-            raise ValueError(f"prompts[{i}] holds token id {bad[0]!r}: expected ints in [0, {cfg.vocab_size})")
-    bad = [t for t in stop_ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
-    if bad:
-        raise ValueError(f"stop_ids holds {bad[0]!r}: expected ints in [0, {cfg.vocab_size})")
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n={n!r}: expected an int >= 1 (samples per prompt)")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
-    if not (isinstance(max_batch, int) and max_batch >= 1):
-        raise ValueError(f"max_batch={max_batch!r}: expected an int >= 1")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature}: expected >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: expected a value in (0, 1]")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 = no top-k)")
-    if not (sync_every is None or isinstance(sync_every, int) and sync_every >= 1):
-        raise ValueError(f"sync_every={sync_every!r}: expected an int >= 1 (decode steps between host reads)")
-    if not (isinstance(first_index, int) and first_index >= 0):
-        raise ValueError(f"first_index={first_index!r}: expected an int >= 0")
-    if not (seed is None or isinstance(seed, int)):
-        raise ValueError(f"seed={seed!r}: expected an int or None")
-    if seed is None:
-        seed = int(torch.randint(0, 2**31, ()))
-    if sync_every is None:
-        sync_every = 8 if device.type == "cuda" else 1
-
-    # -- the cache and the rows' state. A row fed token t at position p samples the token at p + 1;
-    # the last generated token is never fed, so a row needs len(prompt) + max_new_tokens - 1 slots.
-    B = min(max_batch, len(prompts) * n)
-    longest = max(len(p) for p in prompts)
-    if cache is None:
-        cache = new_cache(model, B, longest, max_new_tokens)
-    max_len = min(longest + max_new_tokens - 1, context)
-    k, dtype, layers, kv, hd = cache.k, cache.k.dtype, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    if not (k.dim() == 5 and (k.shape[0], *k.shape[3:]) == (layers, kv, hd) and k.shape[1] >= B
-            and k.shape[2] >= max_len and dtype == model.embed_tokens.weight.dtype and k.device == device):
-        raise ValueError(f"cache.k is {tuple(k.shape)} {dtype} on {k.device}: expected ({layers}, >= {B} rows, >= "
-                         f"{max_len} slots, {kv}, {hd}) {model.embed_tokens.weight.dtype} on {device} (see new_cache)")
-    # per row: input token, its position, tokens generated, their limit
-    tok, pos, count, limit = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))  # (B,)
-    alive = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-    # one spare column: a finished row keeps writing at its count, past its last token
-    out_tok = torch.zeros(B, max_new_tokens + 1, dtype=torch.long, device=device)  # (B, max_new_tokens + 1)
-    out_lp = torch.zeros(B, max_new_tokens + 1, dtype=torch.float32, device=device)  # (B, max_new_tokens + 1)
-    draws = torch.zeros(B, max_new_tokens + 1, dtype=torch.float64, device=device)  # uniform of each step
-    is_stop = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)  # (V,) a lookup, not a search
-    is_stop[stop_ids] = True
-    if compile:  # dynamic: one compiled graph for all the shapes (CUDA graphs are recorded per bucket)
-        step_fn = torch.compile(decode_step, dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
-        if device.type == "cuda":  # the cache is written in place inside the graph, at a fixed address
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-    else:
-        step_fn = decode_step
-    sampling = (temperature, top_p, top_k, vocab_size)
-
-    waiting = [(i, j) for i in range(len(prompts)) for j in range(n)][::-1]  # pop() takes the next
-    row_seq = [None] * B  # (prompt index, sample index) decoded in each row, None when free
-    row_pos = [0] * B  # host copy of each busy row's next position (advanced per window, no sync)
-    results = [[None] * n for _ in prompts]
-    steps = row_steps = 0
-
-    def admit():
-        """Puts waiting sequences into the free rows: prefill new prompts, copy shared prefixes."""
-        free = [r for r in range(B) if row_seq[r] is None]
-        if not free:
-            return
-        live = {row_seq[r][0]: r for r in range(B) if row_seq[r] is not None}  # prompt -> a row holding it
-        new, prefill, copies = [], {}, []  # (row, i, j); prompt -> row to prefill; (src, dst, slots)
-        for r in free[:len(waiting)]:
-            i, j = waiting.pop()
-            new.append((r, i, j))
-            row_seq[r] = (i, j)
-            src = live.get(i, prefill.get(i))
-            if src is None:
-                prefill[i] = r
-            else:
-                copies.append((src, r, len(prompts[i]) - 1))
-        # prefill prompt[:-1] of each new prompt into its row, in chunks of about PREFILL_TOKENS
-        todo = sorted(((len(prompts[i]) - 1, i, r) for i, r in prefill.items() if len(prompts[i]) > 1), reverse=True)
-        while todo:
-            T = todo[0][0]  # longest first: a chunk pads to its first prompt
-            chunk, todo = todo[:max(1, PREFILL_TOKENS // T)], todo[max(1, PREFILL_TOKENS // T):]
-            idx = torch.zeros(len(chunk), T, dtype=torch.long)
-            for b, (L, i, _) in enumerate(chunk):
-                idx[b, :L] = torch.tensor(prompts[i][:-1])
-            # Positions 0..T-1 (None): causal attention over the chunk, no mask. Padding continues the
-            # positions past the prompt: it writes slots that the row's own decode overwrites before any
-            # query can see them. The head returns nothing: no logits.
-            rows = torch.tensor([r for _, _, r in chunk], device=device)
-            model(idx.to(device), kv_cache=window(cache, B, T), cache_rows=rows, head=lambda h, w: None)
-        if copies:  # all shared prefixes in one indexed copy; the slots past a prompt are don't-care
-            copy_slots = max(s for _, _, s in copies)
-            src = torch.tensor([s for s, _, _ in copies], device=device)
-            dst = torch.tensor([d for _, d, _ in copies], device=device)
-            if copy_slots > 0:
-                cache.k[:, dst, :copy_slots] = cache.k[:, src, :copy_slots]
-                cache.v[:, dst, :copy_slots] = cache.v[:, src, :copy_slots]
-        state = torch.tensor([[r, prompts[i][-1], len(prompts[i]) - 1, min(max_new_tokens, context - len(prompts[i])),
-                               sequence_key(seed, first_index + i, j)] for r, i, j in new], dtype=torch.long).to(device)
-        r = state[:, 0]
-        for row, i, _ in new:
-            row_pos[row] = len(prompts[i]) - 1
-        tok[r], pos[r], limit[r] = state[:, 1], state[:, 2], state[:, 3]
-        draws[r] = uniform(state[:, 4:], torch.arange(max_new_tokens + 1, device=device))  # (new, max_new + 1)
-        count[r] = 0
-        alive[r] = True
-
-    def pack():
-        """Moves the live rows to the front of the cache, so that fewer rows are decoded."""
-        live = [r for r in range(B) if row_seq[r] is not None]
-        src = [r for r in live if r >= len(live)]
-        dst = [r for r in range(len(live)) if row_seq[r] is None]
-        s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
-        used = max(row_pos[a] for a in src)  # slots written so far by the moved rows: the rest is don't-care
-        for t in (cache.k, cache.v):
-            t[:, d, :used] = t[:, s, :used]
-        for t in (tok, pos, count, limit, alive, out_tok, out_lp, draws):
-            t[d] = t[s]
-        for a, b in zip(src, dst):
-            row_seq[b], row_seq[a] = row_seq[a], None
-            row_pos[b] = row_pos[a]
-
-    def busy():
-        return [r for r in range(B) if row_seq[r] is not None]
-
-    while waiting or busy():
-        if waiting and (refill or not busy()):
-            admit()
-        elif not waiting and busy()[-1] >= 2 * len(busy()):
-            pack()
-        rows_used = 1 + busy()[-1]  # decode only the rows up to the last busy one
-        # and only the slots that the busy rows reach in this window (rounded up: fewer shapes)
-        slots = -(-(max(row_pos[r] for r in busy()) + sync_every) // 64)  # in blocks of 64
-        if compile:
-            rows_used, slots = min(B, bucket(rows_used)), bucket(slots)
-        slots = min(max_len, 64 * slots)
-        row_ids = torch.arange(rows_used, device=device)
-        # the state of the decoded rows: views, so the in-place updates below write the full tensors
-        tok_w, pos_w, count_w, limit_w, alive_w = (t[:rows_used] for t in (tok, pos, count, limit, alive))
-        pos_w.clamp_(max=slots - 1)  # free rows decode garbage, inside the window (live ones are < slots)
-        for _ in range(sync_every):
-            nxt, lp = step_fn(model, cache, slots, tok_w, pos_w, draws[row_ids, count_w], *sampling)
-            out_tok[row_ids, count_w], out_lp[row_ids, count_w] = nxt, lp
-            count_w += alive_w
-            alive_w &= (count_w < limit_w) & ~is_stop[nxt]
-            tok_w.copy_(nxt)
-            pos_w += alive_w  # finished and free rows stay where they are, inside the window
-            steps, row_steps = steps + 1, row_steps + rows_used
-        for r in busy():
-            row_pos[r] += sync_every
-        # one host sync: collect the rows that finished
-        done = [r for r, a in enumerate(alive[:rows_used].tolist()) if not a and row_seq[r] is not None]
-        if done:
-            d = torch.tensor(done, device=device)
-            counts = count[d].tolist()  # read back only the columns written (not max_new_tokens + 1)
-            toks, lps = out_tok[d, :max(counts)].tolist(), out_lp[d, :max(counts)].tolist()
-            for r, c, t, l in zip(done, counts, toks, lps):
-                i, j = row_seq[r]
-                reason = "stop" if t[c - 1] in stop_ids else "length"
-                results[i][j] = Completion(t[:c], l[:c], reason)
-                row_seq[r] = None
+    check_inputs(model, prompts, stop_ids, vocab_size, n, max_new_tokens, max_batch, temperature, top_p, top_k,
+                 sync_every, first_index, seed)
+    seed = int(torch.randint(0, 2**31, ())) if seed is None else seed  # torch's global RNG: see the docstring
+    sync_every = (8 if device.type == "cuda" else 1) if sync_every is None else sync_every
+    rows, longest = min(max_batch, len(prompts) * n), max(len(p) for p in prompts)
+    max_len = min(longest + max_new_tokens - 1, cfg.max_position_embeddings)  # the last new token is never fed
+    cache = new_cache(model, rows, longest, max_new_tokens) if cache is None else cache
+    check_cache(cache, model, rows, max_len)
+    scheduler = Scheduler(prompts, n, rows, stop_ids)
+    runner = Runner(model, cache, prompts, rows, max_len, max_new_tokens, (temperature, top_p, top_k, vocab_size),
+                    stop_ids, seed, first_index, compile)
+    while scheduler.waiting or scheduler.busy():
+        if scheduler.waiting and (refill or not scheduler.busy()):
+            runner.admit(*scheduler.admit())
+        elif not scheduler.waiting and scheduler.busy()[-1] >= 2 * len(scheduler.busy()):  # sparse: pack
+            runner.move(*scheduler.pack())
+        busy, reach = scheduler.next_window(sync_every)
+        scheduler.finish(runner.decode_window(busy, reach, sync_every))
     if stats is not None:
-        stats.update(steps=steps, row_steps=row_steps,
-                     tokens=sum(len(c.tokens) for group in results for c in group))
-    return results
+        stats.update(steps=runner.steps, row_steps=runner.row_steps,
+                     tokens=sum(len(c.tokens) for group in scheduler.results for c in group))
+    return scheduler.results

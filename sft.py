@@ -54,7 +54,10 @@ def read_sft_jsonl(path):
 
 
 def sft_step(model, optimizer, prompts, responses, micro_batch_tokens, grad_clip=1.0, world_size=1):
-    """One optimizer step on this rank's share of the batch. Returns {"loss", "grad_norm", "tokens"}."""
+    """One optimizer step on this rank's share of the batch. Returns {"loss", "grad_norm", "tokens"}.
+    world_size: the loss, normalised over the whole step, is scaled by world_size before backward because
+    the model is assumed to AVERAGE gradients over ranks, as FSDP2 (and DDP) do; where gradients are
+    summed over ranks instead, pass world_size=1."""
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     num_tokens = all_reduce_sum(torch.tensor([float(sum(map(len, responses)))], dtype=torch.float64), device).item()

@@ -6,7 +6,7 @@ The machinery both training stages share (sft.py and degrpo.py import it; neithe
 - micro_batches: rows grouped under a token budget (rows x longest row), so that one forward and
   backward never holds more activations than the budget allows, whatever the lengths; under
   torch.distributed, padded with empty ones that batch_rows turns into a two-token stand-in.
-- token_logprobs: log p of the target tokens through kernels/ (fused: never the [tokens, vocab]
+- token_logprobs: log p of the target tokens through logprob_kernels/ (fused: never the [tokens, vocab]
   logits, the first out-of-memory of every GRPO trainer at 151936 rows).
 - all_reduce_sum: the counts a loss is divided by, summed over ranks, so that N ranks compute the
   step one process would.
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from kernels import fused_logprobs
+from logprob_kernels import fused_logprobs
 
 IGNORE = -100
 

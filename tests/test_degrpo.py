@@ -67,7 +67,20 @@ def test_default_aggregation_is_the_papers_for_vanilla_and_the_official_codes_fo
     assert policy_loss(logp, old, adv, mask, alpha=None, loss_agg="token-mean")[0] != policy_loss(
         logp, old, adv, mask, alpha=None, loss_agg="seq-mean")[0]  # lengths differ: the two are not the same
     with pytest.raises(ValueError, match="loss_agg"):
-        policy_loss(logp, old, adv, mask, loss_agg="sample-mean")
+        policy_loss(logp, old, adv, mask, alpha=0.001, loss_agg="sample-mean")
+
+
+def test_copier_traps_are_refused():
+    """alpha has no default (a call without it is not silently DeGRPO at 0.001), a count of 0 is refused
+    rather than read as "not given", and an empty loss_agg is not taken for the default."""
+    logp, old, adv, mask = random_case(4, 6, 5)
+    with pytest.raises(TypeError, match="alpha"):
+        policy_loss(logp, old, adv, mask)
+    for bad in (dict(num_seqs=0), dict(num_tokens=0), dict(num_seqs=-2.0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*expected a positive count"):
+            policy_loss(logp, old, adv, mask, alpha=0.001, **bad)
+    with pytest.raises(ValueError, match="loss_agg=''"):
+        policy_loss(logp, old, adv, mask, alpha=None, loss_agg="")
 
 
 @pytest.mark.parametrize("alpha", [None, 0.001])
@@ -124,6 +137,17 @@ def test_group_advantages():
         group_advantages(torch.ones(6), 4)
 
 
+def test_group_advantages_of_lone_samples_are_the_rewards():
+    """A group of one sample: A = r, as the official code (verl's mean 0, std 1 for a lone sample), not 0
+    (which would silently train on nothing) nor NaN (the std of one number)."""
+    r = torch.tensor([1.0, -1, 0.5])
+    torch.testing.assert_close(group_advantages(r, 1), r)
+    torch.testing.assert_close(group_advantages(r, 1, std_normalize=True), r / (1 + 1e-6))
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="group_size"):
+            group_advantages(r, bad)
+
+
 def test_kl_k3_nonnegative_and_zero_at_equality():
     a, b = torch.randn(100), torch.randn(100)
     assert (kl_k3(a, b) >= 0).all() and kl_k3(a, a).abs().max() == 0
@@ -148,10 +172,18 @@ def test_kl_k3_clamped_like_low_var_kl():
     assert logp.grad[0] == 0 and logp.grad[1].item() == pytest.approx(1 - math.exp(-0.2))
 
 
+def test_kl_k3_is_large_where_the_policy_made_a_token_less_likely():
+    """The direction of k3's asymmetry (its docstring): 5 nats below the reference gives exp(5) - 6
+    (clamped to 10), 5 nats above gives exp(-5) + 4."""
+    ref = torch.zeros(2)
+    kl = kl_k3(torch.tensor([-5.0, 5.0]), ref)
+    assert kl[0].item() == 10.0 and kl[1].item() == pytest.approx(math.exp(-5) + 4)
+
+
 def test_shape_errors():
     logp, old, adv, mask = random_case(4, 5, 0)
     with pytest.raises(ValueError, match="advantages"):
-        policy_loss(logp, old, adv[:3], mask)
+        policy_loss(logp, old, adv[:3], mask, alpha=0.001)
 
 
 # -----------------------------------------------------------------------------

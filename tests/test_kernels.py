@@ -1,4 +1,4 @@
-"""kernels/: fused log-probs and entropy (torch path and Triton kernels) against the full-logits reference
+"""logprob_kernels/: fused log-probs and entropy (torch path and Triton kernels) against the full-logits reference
 in fp64. Triton runs through its interpreter on CPU tensors (no GPU), compiled on CUDA tensors (the
 _cuda tests, skipped without a GPU)."""
 
@@ -7,8 +7,8 @@ import torch
 from conftest import needs_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import fused_logprobs, reference_logprobs
-from kernels.logprobs import _fused_logprobs
+from logprob_kernels import fused_logprobs, reference_logprobs
+from logprob_kernels.logprobs import _fused_logprobs
 
 
 def make_inputs(N, H, V, dtype, seed=0, n_ignored=3, device="cpu"):

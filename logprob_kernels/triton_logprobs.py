@@ -1,5 +1,5 @@
 """
-The Triton half of the fused log-prob kernel: the per-chunk work of kernels/logprobs.py on CUDA.
+The Triton half of the fused log-prob kernel: the per-chunk work of logprob_kernels/logprobs.py on CUDA.
 
 logprobs.py computes each chunk of raw logits z = h_chunk @ w_chunk^T with cuBLAS (tensor cores,
 bf16 in, bf16 out, exactly as the model's own lm_head would) and hands it to these two kernels.
