@@ -171,6 +171,7 @@ RESUMABLE_CHANGES = {
     "grad_checkpointing": "recomputes activations for memory; the same arithmetic",
     "compile": "the sampler's decode step compiled: the same draws, the same tokens (tests/test_sampler.py)",
     "dist_timeout_h": "how long a rank waits for the others in a collective",
+    "wandb": "where the metrics are also sent",
 }
 
 
