@@ -30,6 +30,7 @@ curves.py. The toy demo's driver is in toy.py.
 import argparse
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import socket
@@ -302,8 +303,10 @@ def build_models(run: Run, is_equivalent=None):
     run.cache = new_cache(run.sampler_model, min(cfg.max_batch, cfg.batch_size // run.world * cfg.group_size),
                           cfg.max_prompt_len, cfg.max_new_tokens)
 
+    tokenizer = run.tokenizer  # not `run`: a cycle would keep the models alive (train, at its end)
+
     def reward_fn(tokens, answer):
-        d = reward_details(chat.decode_response(run.tokenizer, tokens), answer, is_equivalent=is_equivalent)
+        d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
         return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct, "format_ok": d.format_ok}
 
     run.reward_fn = reward_fn
@@ -394,8 +397,10 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
                 on_step(step + 1, run.sampler_model)
             if (step + 1) % cfg.save_every == 0 or step + 1 == run.total_steps:
                 last_ckpt = save(run, step + 1)
-    finally:
-        run.log.close()
+    finally:  # the models freed now, not at the interpreter's exit: a sharded model holds the process group,
+        run.log.close()  # and gloo's threads abort a process whose group is destroyed at its exit
+        del run
+        gc.collect()  # cycles (an exception's frames, a closure) would keep them until then
     return last_ckpt or latest_checkpoint(cfg.out)
 
 
@@ -412,6 +417,7 @@ def main(argv=None):
     except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
         print0(f"error: {e}")
         status = 1
+    gc.collect()  # a stopped or failed run's models (its exception's frames held them), before their group
     if dist.is_initialized():
         dist.destroy_process_group()
     if status:
