@@ -10,7 +10,8 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
     master weights and fp32 gradient reduction, compute in --dtype, so one script scales from one
     GPU to several and to a 7B model.
   - Each rank takes a contiguous slice of the global batch (data.py). Losses are normalised by counts
-    summed over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
+    summed over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank, on one
+    node or several (torchrun --nnodes; --out on a filesystem they share: checked at the start).
   - RL samples from an unsharded copy of the current weights (in --dtype), refreshed after every
     update: gathering sharded weights at every decode step would make rollouts crawl. Its KV cache
     is allocated once, for --max-prompt-len + --max-new-tokens, and reused by every rollout. Ranks
@@ -23,11 +24,14 @@ Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that tran
 eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
 seeds derive from (seed, step), so --resume continues exactly; it refuses flags that would not
 (checkpoint.claim_run_folder), and a new run refuses a folder another run used. Mistakes in the
-command are reported in one line before any model loads. metrics.jsonl, curves.png and --wandb:
-curves.py. The toy demo's driver is in toy.py.
+command are reported in one line before any model loads. On SIGTERM or SIGINT (a scheduler's time
+limit) every rank finishes its step, a checkpoint is saved, and the run exits with status
+checkpoint.PREEMPTED (75), saying how to continue. metrics.jsonl, curves.png and --wandb: curves.py.
+The toy demo's driver is in toy.py.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -44,8 +48,9 @@ import chat
 import curves
 import degrpo
 import sft
-from checkpoint import (RunError, claim_run_folder, current_device, full_tensors, latest_checkpoint, load_checkpoint,
-                        save_checkpoint, trim_metrics)
+from checkpoint import (PREEMPTED, Preempted, RunError, agree, check_shared_folder, claim_run_folder, current_device,
+                        full_tensors, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_signals,
+                        stop_requested, trim_metrics)
 from curves import progress
 from data import batch_indices, load_items
 from model import Transformer, load_config
@@ -352,15 +357,21 @@ def save(run: Run, step):
 
 def setup(cfg: TrainConfig, is_equivalent=None):
     """The process group, the run folder (checkpoint.claim_run_folder), the inputs, the models, and the
-    checkpoint resumed from. Returns (run, first step)."""
+    checkpoint resumed from; a mistake any rank finds stops every rank here. Returns (run, first step)."""
     dtype = compute_dtype(cfg)
     rank, world, device = (setup_distributed(dtype != torch.float32, cfg.dist_timeout_h) if not dist.is_initialized() else
                            (dist.get_rank(), dist.get_world_size(), current_device()))
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
-    resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
-                                          dataclasses.asdict(TrainConfig()))
-    run = read_inputs(cfg, rank, world, device, dtype)
+    check_shared_folder(cfg.out)
+    run, error = None, None
+    try:
+        if cfg.batch_size % world:
+            raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+        resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
+                                              dataclasses.asdict(TrainConfig()))
+        run = read_inputs(cfg, rank, world, device, dtype)
+    except RunError as e:
+        error = e
+    agree(error)
     build_models(run, is_equivalent)
     start = 0
     os.makedirs(cfg.out, exist_ok=True)
@@ -380,7 +391,8 @@ def setup(cfg: TrainConfig, is_equivalent=None):
 def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
     """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
     on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
-    A mistake in the command (checkpoint.RunError) is found before any model is loaded."""
+    A mistake in the command (checkpoint.RunError) is found before any model is loaded. After a signal
+    (checkpoint.stop_on_signals) every rank finishes the step, saves, and raises checkpoint.Preempted."""
     run, start = setup(cfg, is_equivalent)
     t_start, t_print, last_ckpt = time.time(), 0.0, None
     try:
@@ -395,8 +407,13 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
             run.log.log({"stage": cfg.stage, "step": step + 1, **m})
             if on_step and cfg.stage == "rl" and run.rank == 0:
                 on_step(step + 1, run.sampler_model)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == run.total_steps:
+            saved = (step + 1) % cfg.save_every == 0 or step + 1 == run.total_steps
+            if saved:
                 last_ckpt = save(run, step + 1)
+            if (signal_name := stop_requested(run.device)) and step + 1 < run.total_steps:
+                path = last_ckpt if saved else save(run, step + 1)
+                raise Preempted(f"stopped by {signal_name} after step {step + 1}/{run.total_steps}, saved in {path}: "
+                                f"to continue, run the same command with --resume")
     finally:  # the models freed now, not at the interpreter's exit: a sharded model holds the process group,
         run.log.close()  # and gloo's threads abort a process whose group is destroyed at its exit
         del run
@@ -407,19 +424,24 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
 def main(argv=None):
     cfg = parse_args(argv)
     status = 0
-    try:
-        if cfg.preset is not None:
-            import toy
+    # a real run stops cleanly on SIGTERM or SIGINT (the toy demo starts over anyway), until its group is gone
+    with stop_on_signals(announce=os.environ.get("RANK", "0") == "0") if cfg.preset is None else contextlib.nullcontext():
+        try:
+            if cfg.preset is not None:
+                import toy
 
-            toy.run_demo(cfg)
-        else:
-            train(cfg)
-    except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
-        print0(f"error: {e}")
-        status = 1
-    gc.collect()  # a stopped or failed run's models (its exception's frames held them), before their group
-    if dist.is_initialized():
-        dist.destroy_process_group()
+                toy.run_demo(cfg)
+            else:
+                train(cfg)
+        except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
+            print0(f"error: {e}")
+            status = 1
+        except Preempted as e:  # saved: one line (rank 0) saying how to continue, status PREEMPTED on every rank
+            print0(str(e))
+            status = PREEMPTED
+        gc.collect()  # the models of a stopped run (held by Preempted's frames until now), before their group
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if status:
         raise SystemExit(status)
 
