@@ -217,7 +217,7 @@ def copy_weights(src_model, dst_model):
     """Refreshes the unsharded sampler copy from the trained (sharded) model."""
     with torch.no_grad():
         dst = dst_model.state_dict()
-        for name, tensor in full_tensors(src_model):
+        for name, tensor in full_tensors(src_model, dst_model.embed_tokens.weight.dtype):  # in the copy's dtype
             dst[name].copy_(tensor)
 
 
@@ -439,7 +439,7 @@ def main(argv=None):
         except Preempted as e:  # saved: one line (rank 0) saying how to continue, status PREEMPTED on every rank
             print0(str(e))
             status = PREEMPTED
-        gc.collect()  # the models of a stopped run (held by Preempted's frames until now), before their group
+        gc.collect()  # a stopped or failed run's models (its exception's frames held them), before their group
         if dist.is_initialized():
             dist.destroy_process_group()
     if status:
