@@ -21,6 +21,7 @@ import toy
 import train
 import training
 from model import ModelConfig, Transformer
+from rehearse import saved_bytes_per_token_per_block
 
 
 @pytest.fixture(scope="module")
@@ -141,27 +142,6 @@ def test_sft_stand_in_micro_batch_costs_two_tokens(assets, monkeypatch):
     assert loss1 == pytest.approx(loss0, rel=1e-12)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-12, rtol=0, msg=name)
-
-
-def saved_bytes_per_token_per_block(cfg: ModelConfig, checkpointing, T=64):
-    """Bytes a training forward keeps for backward per token and per block (the tensors' storages,
-    weights excluded): the saving of a model of two blocks minus that of one."""
-    saved = []
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        model = Transformer(dataclasses.replace(cfg, num_hidden_layers=layers)).train()
-        model.gradient_checkpointing = checkpointing  # as train.py sets it from --grad-checkpointing
-        weights, storages = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
-
-        def keep(t):
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(torch.randint(0, cfg.vocab_size, (1, T)), head=lambda h, w: h.sum())
-        saved.append(sum(storages.values()))
-    return (saved[1] - saved[0]) / T
 
 
 def test_default_flags_checkpoint_activations():
