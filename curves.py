@@ -128,8 +128,10 @@ def draw(metrics_file, png, title=None):
     fig.suptitle(title or os.path.dirname(os.path.abspath(metrics_file)), fontsize=11)
     fig.tight_layout()
     tmp = png + ".tmp.png"  # written aside and renamed: a viewer never reads half a file
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
     os.replace(tmp, png)
 
 
@@ -191,8 +193,13 @@ def start_wandb(project, out, config, resume):
     id_file = os.path.join(out, "wandb.json")
     saved = json.load(open(id_file)) if resume and os.path.isfile(id_file) else {}
     run_id = saved.get("id") if saved.get("project") == project else None  # None: wandb makes a new one
-    run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out)), id=run_id,
-                     resume="allow" if run_id else None, config=config)
+    try:
+        run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out)), id=run_id,
+                         resume="allow" if run_id else None, config=config)
+    except Exception as e:  # noqa: BLE001: no login, no network...: one line, before any model loads
+        raise ValueError(f"--wandb {project}: wandb could not start ({type(e).__name__}: {e}); "
+                         f"WANDB_MODE=offline logs to disk without an account") from None
+    os.makedirs(out, exist_ok=True)
     with open(id_file, "w") as f:
         json.dump({"project": project, "id": run.id}, f)
     return run

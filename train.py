@@ -369,8 +369,9 @@ def setup(cfg: TrainConfig, is_equivalent=None):
         resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
                                               dataclasses.asdict(TrainConfig()))
         run = read_inputs(cfg, rank, world, device, dtype)
-    except RunError as e:
-        error = e
+        run.log = curves.RunLog(cfg.out, rank == 0, cfg.wandb, dataclasses.asdict(cfg), resume=bool(resume_from))
+    except (RunError, ValueError) as e:  # ValueError: wandb could not start (curves.start_wandb)
+        error = RunError(str(e))
     agree(error)
     build_models(run, is_equivalent)
     start = 0
@@ -384,7 +385,6 @@ def setup(cfg: TrainConfig, is_equivalent=None):
             copy_weights(run.policy, run.sampler_model)
     if rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
-    run.log = curves.RunLog(cfg.out, rank == 0, cfg.wandb, dataclasses.asdict(cfg), resume=bool(resume_from))
     return run, start
 
 

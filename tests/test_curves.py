@@ -78,6 +78,22 @@ def test_wandb_asked_for_but_missing_is_one_clear_line(assets, tmp_path, monkeyp
     assert not (tmp_path / "sft").exists()
 
 
+def test_wandb_that_cannot_start_is_one_clear_line_before_any_model_loads(assets, tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before wandb started")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    monkeypatch.setattr(train.Transformer, "from_pretrained", load)
+    status, output = run_main(sft_args(assets, tmp_path / "sft") + ["--wandb", "thinkless"], capsys)
+    assert status == 1 and output.endswith("\nerror: --wandb thinkless: wandb could not start (UsageError: api_key "
+                                           "not configured (no-tty)); WANDB_MODE=offline logs to disk without an account\n")
+
+
 def wandb_history(run_dir):
     """The logged steps of an offline wandb run, {step: {key: value}}, read from its run-ID.wandb file
     (LevelDB log blocks of 32 KiB, each record a wandb Record protobuf)."""
