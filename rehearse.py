@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -111,6 +112,7 @@ def worker(log, argv):
 
 
 def counted(token_logprobs, log):
+    """token_logprobs, the tokens (rows x longest row) of each training forward logged."""
     def wrapped(model, idx, *args, **kwargs):
         if model.training:
             with open(log, "a") as f:
@@ -226,9 +228,10 @@ def stage(args, memlog, log):
 
 
 def rehearse(shape, layers, out):
-    """One shape end to end; returns {step: seconds} and the measured phases per rank."""
+    """One shape end to end in out/shape (started over); returns {step: seconds} and the measured phases per rank."""
     d = os.path.join(out, shape)
-    os.makedirs(d, exist_ok=True)
+    shutil.rmtree(d, ignore_errors=True)  # a run folder holds one run (train.py refuses a used --out)
+    os.makedirs(d)
     log, memlog, times = os.path.join(d, "log.txt"), os.path.join(d, "memory"), {}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(SHAPES[shape], f, indent=2)
@@ -275,8 +278,8 @@ def read_phases(path):
 def table(shape, layers, measured_peaks, tokens):
     """The markdown rows: phase, rank, measured, planned, their ratio."""
     cfg = model_config(shape, layers)
-    planned = plan(cfg, world=2, rows=2 * 4, slots=1024 + 64 - 1, tokens=tokens)  # 2 prompts x 4 samples a rank;
-    rows = []  # --max-prompt-len 1024 (the default) + --max-new-tokens 64 - 1 slots
+    # the KV cache: 2 prompts x 4 samples a rank, --max-prompt-len 1024 (the default) + --max-new-tokens 64 - 1 slots
+    planned, rows = plan(cfg, world=2, rows=2 * 4, slots=1024 + 64 - 1, tokens=tokens), []
     for (stage_name, phase), terms in planned.items():
         for rank in (0, 1):
             total = sum(v for k, v in terms.items() if rank == 0 or not k.startswith("rank 0"))
