@@ -9,7 +9,8 @@ against the memory plan of BENCHMARKS.md evaluated at the same shapes and batch.
     python rehearse.py --plan 1.5b 7b         # the memory plan alone, at the official run's sizes on 4 GPUs
 
 Per shape: make_random_checkpoint.py -> SFT, 2 steps -> RL, 2 steps, saved -> --resume, 1 more step ->
-eval.py on 2 problems; then eval.py on 2 problems with a random checkpoint of the full depth. Each
+eval.py on 2 problems; then eval.py on 2 problems with a random checkpoint of the full depth (the
+checkpoints, up to 10 GB a shape at 4 blocks, are deleted at the end; logs and measurements stay). Each
 rank of each torchrun stage runs this file as a worker (--worker): train.main with the phases wrapped
 (load, step, sample, update, refresh, save, resume load). A phase's peak is the process's peak
 resident set (VmHWM, reset at the phase's start through /proc/self/clear_refs), minus its resident
@@ -25,6 +26,7 @@ the real one at any depth.
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -239,7 +241,7 @@ def rehearse(shape, layers, out):
     times["random checkpoint"] = sh([sys.executable, "make_random_checkpoint.py", "--config", f.name, "--tokenizer",
                                      TOKENIZER, "--out", base, "--dtype", "bfloat16"]
                                     + (["--layers", str(layers)] if layers else []), log)
-    common = ["--dtype", "bfloat16", "--save-every", 1]
+    common = ["--dtype", "bfloat16", "--save-every", 1, "--keep-last", 1]  # a checkpoint of 4 blocks: 2.8 GB
     times["sft, 2 steps"] = stage(["--stage", "sft", "--model", base, "--data", SFT_DATA, "--out", sft_out,
                                    "--steps", 2, "--batch-size", 4] + common, memlog, log)
     rl = ["--stage", "rl", "--model", os.path.join(sft_out, "step_000002"), "--data", RL_DATA, "--out", rl_out,
@@ -256,6 +258,8 @@ def rehearse(shape, layers, out):
             "--dtype", "bfloat16"], log)
         times["eval at the full depth, 2 problems"] = sh(evaluate + ["--model", full, "--out-dir",
                                                                      os.path.join(d, "eval_full_depth")], log)
+    for folder in [base, os.path.join(d, "base_full_depth")] + glob.glob(os.path.join(d, "*", "step_*")):
+        shutil.rmtree(folder, ignore_errors=True)  # the checkpoints (GBs); the logs and measurements stay
     return times, {r: read_phases(f"{memlog}.rank{r}.jsonl") for r in (0, 1)}
 
 
