@@ -9,7 +9,12 @@ Checkpoints and run folders of train.py: what a run writes, and how it continues
 
 A run folder belongs to one run (claim_run_folder): a new run refuses a folder that holds another
 run's checkpoints or metrics, and --resume refuses a folder with nothing to resume and flags that
-would not continue the saved run exactly (RESUMABLE_CHANGES lists the ones that may change).
+would not continue the saved run exactly (RESUMABLE_CHANGES lists the ones that may change). Every
+rank writes its shard of a checkpoint into that one folder, so on several nodes it must be on a
+filesystem they all share (check_shared_folder), and a mistake one rank finds stops them all (agree).
+
+A run stopped by the scheduler (SIGTERM, or SIGINT: stop_on_signals) finishes its step, saves, and
+exits with status PREEMPTED; --resume then continues it exactly.
 
 Everything of a checkpoint is written into a temporary folder first and renamed at the end, so a
 crash mid-save leaves the previous checkpoint intact. Weights are gathered from the FSDP shards one
@@ -21,7 +26,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -32,10 +39,14 @@ import chat
 from model import Transformer
 
 
-def full_tensors(model):
+def full_tensors(model, dtype=None):
     """(name, full tensor) of a (possibly sharded) model, one at a time: each is a collective under
-    FSDP, and only one gathered tensor (at most the embedding) is alive at once, not a whole copy."""
+    FSDP, and only one gathered tensor (at most the embedding) is alive at once, not a whole copy.
+    dtype: each shard is cast before the gather (the values of casting the gathered tensor), so that a
+    bf16 copy gathers half the bytes: gloo holds the gathered shards and their concatenation at once,
+    twice the tensor (a 151936 x 896 embedding: 1.0 GiB in fp32, 0.6 GiB cast first, measured)."""
     for name, tensor in model.state_dict().items():
+        tensor = tensor.to(dtype) if dtype is not None else tensor
         yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
 
@@ -50,7 +61,7 @@ def save_checkpoint(out, step, policy, optimizer, tokenizer, state, keep_last, d
     tmp = os.path.join(out, f".step_{step:06d}.tmp")
     # The Hugging Face weights (bf16 on a GPU by default: the released checkpoints' dtype), gathered
     # tensor by tensor into host memory on rank 0, so no GPU holds a second full copy.
-    weights = {name: tensor.to("cpu", dtype) for name, tensor in full_tensors(policy) if rank0}
+    weights = {name: tensor.to("cpu") for name, tensor in full_tensors(policy, dtype) if rank0}
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         Transformer.save_pretrained(policy, tmp, state_dict=weights)  # policy only gives the config
@@ -171,6 +182,7 @@ RESUMABLE_CHANGES = {
     "grad_checkpointing": "recomputes activations for memory; the same arithmetic",
     "compile": "the sampler's decode step compiled: the same draws, the same tokens (tests/test_sampler.py)",
     "dist_timeout_h": "how long a rank waits for the others in a collective",
+    "wandb": "where the metrics are also sent",
 }
 
 
@@ -212,6 +224,110 @@ def claim_run_folder(out, resume, config: dict, defaults: dict):
         raise RunError(f"--resume from {ckpt}: " + "; ".join(refused) + ". These would not continue the run "
                        f"exactly: give the saved values, or another --out for a new run")
     return ckpt, notes
+
+
+def multi_rank():
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agree(error):
+    """Raises on every rank when any rank met a mistake (error: its RunError, or None): a file that one
+    node lacks (--model or --data on a node-local disk) must stop every rank, not leave the others
+    waiting in their first collective for --dist-timeout-h. The message is rank 0's own, or names the
+    rank that failed."""
+    if not multi_rank():
+        if error:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, str(error) if error else None)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, message = failed[0]
+        raise RunError(message if r == 0 else f"rank {r}: {message}")
+
+
+def check_shared_folder(out):
+    """On several ranks, that --out is one folder for all: every rank writes its shard of a checkpoint
+    into it and rank 0 renames it into place, so on several nodes it must be on a filesystem they all
+    share (NFS, Lustre...). Else each node would hold a part of every checkpoint and --resume would
+    fail days later; a relative --out from different working directories is the same mistake. Rank 0
+    writes a file there, every rank looks for it; the folder is left as it was."""
+    if not multi_rank():
+        return
+    rank = dist.get_rank()
+    name = [f".shared-check-{uuid.uuid4().hex}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    marker, created = os.path.join(out, name[0]), not os.path.isdir(out)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        open(marker, "w").close()
+    barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, os.path.isfile(marker))
+    barrier()
+    if rank == 0:
+        os.remove(marker)
+        if created and not os.listdir(out):
+            os.rmdir(out)
+    if blind := [r for r, s in enumerate(seen) if not s]:
+        raise RunError(f"--out {out}: rank {blind[0]} does not see the file rank 0 wrote there ({len(blind)} of "
+                       f"{len(seen)} ranks do not): every rank writes its shard of a checkpoint into --out, so it "
+                       f"must be one folder on a filesystem all nodes share (an absolute path on NFS, Lustre...)")
+
+
+# -----------------------------------------------------------------------------
+# Stopping on a signal: a scheduler's time limit
+
+# The exit status of a run that a signal stopped after saving its checkpoint: EX_TEMPFAIL of
+# sysexits.h, "try again later" (neither 0, which would read as finished, nor 1, a mistake or a crash).
+PREEMPTED = 75
+_stop = {"signal": None}  # the first signal this process received since stop_on_signals began
+
+
+class Preempted(Exception):
+    """Raised on every rank once the checkpoint of a run stopped by a signal is written; its message
+    says how to continue. train.main exits with PREEMPTED."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(announce=True):
+    """SIGTERM and SIGINT only set a flag while this is active: the step in progress finishes, then
+    the ranks agree to stop (stop_requested), save, and raise Preempted. The handler never saves
+    itself: a signal can arrive anywhere, a collective or a save included, and a second one only sets
+    the flag again (a save interrupted otherwise, by SIGKILL, leaves the previous checkpoint intact:
+    saves are atomic). System calls a signal interrupts are restarted (siginterrupt False), so that a
+    collective's socket read is not broken by it. announce: write a line to stderr at the first signal."""
+    def handler(signum, frame):
+        if _stop["signal"] is None and announce:  # os.write: print() may not be re-entered from a handler
+            with contextlib.suppress(OSError):
+                os.write(2, f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
+                         f"stopping (SIGKILL stops at once and loses the step)\n".encode())
+        _stop["signal"] = _stop["signal"] or signal.Signals(signum).name
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    _stop["signal"] = None
+    for sig in signals:
+        signal.signal(sig, handler)
+        signal.siginterrupt(sig, False)
+    try:
+        yield
+    finally:  # a process that is stopping ignores the signals until it exits: when the first rank exits,
+        for sig, old in previous.items():  # torchrun sends SIGTERM to the others, which must exit with PREEMPTED too
+            signal.signal(sig, signal.SIG_IGN if _stop["signal"] else old)
+
+
+def stop_requested(device):
+    """Whether any rank got a signal, the same answer on every rank (a MAX over ranks, called after
+    every step by all of them): a rank that stopped alone would leave the others waiting in the next
+    step's collectives. The signal's name, or None."""
+    got = torch.tensor([float(_stop["signal"] is not None)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    if got.item():  # stopping: a later signal (torchrun's, when another rank exits first) is not announced
+        _stop["signal"] = _stop["signal"] or "a signal to another rank"
+    return _stop["signal"] if got.item() else None
 
 
 def barrier():

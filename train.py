@@ -9,8 +9,9 @@ Distributed layout (torch.distributed, gloo on CPU, NCCL on GPU):
   - The trained model is sharded with FSDP2 (`fully_shard` on every block, then the root), fp32
     master weights and fp32 gradient reduction, compute in --dtype, so one script scales from one
     GPU to several and to a 7B model.
-  - Each rank takes a contiguous slice of the global batch. Losses are normalised by counts summed
-    over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank.
+  - Each rank takes a contiguous slice of the global batch (data.py). Losses are normalised by counts
+    summed over all ranks (sft.py, degrpo.py), so N ranks compute the same step as one rank, on one
+    node or several (torchrun --nnodes; --out on a filesystem they share: checked at the start).
   - RL samples from an unsharded copy of the current weights (in --dtype), refreshed after every
     update: gathering sharded weights at every decode step would make rollouts crawl. Its KV cache
     is allocated once, for --max-prompt-len + --max-new-tokens, and reused by every rollout. Ranks
@@ -23,17 +24,19 @@ Checkpoints (checkpoint.py): out/step_NNNNNN/ is a Hugging Face folder that tran
 eval.py load, plus the sharded trainer state, written atomically. The data order and the sampling
 seeds derive from (seed, step), so --resume continues exactly; it refuses flags that would not
 (checkpoint.claim_run_folder), and a new run refuses a folder another run used. Mistakes in the
-command are reported in one line before any model loads. The toy demo's driver is in toy.py.
+command are reported in one line before any model loads. On SIGTERM or SIGINT (a scheduler's time
+limit) every rank finishes its step, a checkpoint is saved, and the run exits with status
+checkpoint.PREEMPTED (75), saying how to continue. metrics.jsonl, curves.png and --wandb: curves.py.
+The toy demo's driver is in toy.py.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
-import functools
-import json
+import gc
 import math
 import os
-import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -42,12 +45,15 @@ import torch
 import torch.distributed as dist
 
 import chat
+import curves
 import degrpo
-import eval as evaluation
 import sft
 import toy
-from checkpoint import (RunError, claim_run_folder, current_device, full_tensors, latest_checkpoint, load_checkpoint,
-                        save_checkpoint, trim_metrics)
+from checkpoint import (PREEMPTED, Preempted, RunError, agree, check_shared_folder, claim_run_folder, current_device,
+                        full_tensors, latest_checkpoint, load_checkpoint, save_checkpoint, stop_on_signals,
+                        stop_requested, trim_metrics)
+from curves import progress
+from data import batch_indices, load_items
 from model import Transformer, load_config
 from rewards import reward_details, score
 from sampler import new_cache
@@ -107,6 +113,8 @@ class TrainConfig:
                                      "the rollout, which can end ~25 min apart at 24k-token responses")
     save_every: int = 50
     keep_last: int = 3
+    wandb: str | None = arg(None, "also log every step's metrics to this Weights & Biases project (pip install wandb; "
+                            "metrics.jsonl and curves.png are written either way)")
     resume: bool = arg(False, "continue from the newest checkpoint in --out (none there: an error); every flag must "
                        "be the saved run's except those in checkpoint.RESUMABLE_CHANGES (--correct-think, --steps for "
                        "rl, --save-every, ... : each with the reason it is safe)")
@@ -208,7 +216,7 @@ def copy_weights(src_model, dst_model):
     """Refreshes the unsharded sampler copy from the trained (sharded) model."""
     with torch.no_grad():
         dst = dst_model.state_dict()
-        for name, tensor in full_tensors(src_model):
+        for name, tensor in full_tensors(src_model, dst_model.embed_tokens.weight.dtype):  # in the copy's dtype
             dst[name].copy_(tensor)
 
 
@@ -218,75 +226,40 @@ def print0(*args):
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n_items, seed, epoch):
-    """The data order of one epoch: a permutation derived from (seed, epoch), so a resumed run sees
-    the same order. Cached: a step reads at most two epochs."""
-    order = list(range(n_items))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    return order
-
-
-def batch_indices(n_items, batch_size, step, seed, rank, world):
-    """This rank's slice of the global batch of `step`, and the global position of its first item
-    (the sampler's draws are keyed by it, so N ranks sample what one process would)."""
-    per_rank = batch_size // world
-    first = step * batch_size + rank * per_rank
-    return [epoch_order(n_items, seed, pos // n_items)[pos % n_items] for pos in range(first, first + per_rank)], first
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 
-def load_items(cfg: TrainConfig, tokenizer, eos_id, model_dir):
-    """The training items of cfg.data, tokenized: sft (prompt ids, response ids + eos) pairs within
-    --max-len, rl (prompt ids, answer) problems within --max-prompt-len, the prompts rendered by
-    model_dir's chat template."""
-    if cfg.stage == "sft":
-        pairs = sft.read_sft_jsonl(cfg.data)
-        examples = [(chat.encode_prompt(tokenizer, q), tokenizer.encode(r, add_special_tokens=False).ids + [eos_id])
-                    for q, r in pairs]
-        items = [e for e in examples if len(e[0]) + len(e[1]) <= cfg.max_len]
-        print0(f"sft: {len(items)} pairs ({len(examples) - len(items)} dropped over {cfg.max_len} tokens)")
-    else:
-        problems = evaluation.load_problems(cfg.data, skip_unanswered=True)
-        items = [(chat.encode_prompt(tokenizer, p["problem"], template_dir=model_dir), p["answer"], p.get("level"))
-                 for p in problems]
-        items = [it for it in items if len(it[0]) <= cfg.max_prompt_len]
-        print0(f"rl: {len(items)} problems ({len(problems) - len(items)} skipped over {cfg.max_prompt_len} prompt tokens)")
-    if not items:
-        raise ValueError(f"{cfg.data}: no item within the length limits")
-    return items
+@dataclass
+class Run:
+    """What a stage's step loop needs: the inputs (read_inputs, cheap: read before any model loads),
+    then the models, the optimizer and the sampler's cache (build_models)."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: str
+    tokenizer: object
+    ids: chat.ControlIds
+    vocab_size: int  # the tokenizer's ids: the rows the sampler draws from
+    items: list
+    level_names: list  # rl, when every problem has a `level`: the metrics count think samples per level
+    total_steps: int
+    policy: Transformer | None = None
+    optimizer: torch.optim.Optimizer | None = None  # its defaults["lr"]: the peak lr
+    sampler_model: Transformer | None = None  # rl: the unsharded copy that samples
+    ref_model: Transformer | None = None  # rl: the frozen reference of the KL term (None: --beta 0)
+    rl_cfg: degrpo.RLConfig | None = None
+    cache: object = None  # rl: the sampler's KV cache, allocated once
+    reward_fn: object = None
+    log: curves.RunLog | None = None
 
 
-def progress(stage, m):
-    """The metrics of a step for the progress line. rl: think k/n counts the samples that chose
-    <think> (the rest chose <short> or neither); malformed counts format errors of either mode or none
-    (rewards.py: no control token, a chain never closed, no \\boxed{}). The gradient norm in 3
-    significant digits: 1e-5 must not print as 0.000."""
-    if stage == "sft":
-        return f"loss {m['loss']:.4f} | grad {m['grad_norm']:.3g} | lr {m['lr']:.2e}"
-    return (f"reward {m['reward']:+.3f} | think {m['think']}/{m['samples']} acc {m['acc_think']:.2f} | "
-            f"short {m['short']} acc {m['acc_short']:.2f} | malformed {m['malformed']} | len {m['response_len']:.0f} | "
-            f"kl {m['kl']:.4f} | clip {m['clip_frac']:.3f} | grad {m['grad_norm']:.3g}")
-
-
-def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
-    """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
-    on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
-    A mistake in the command (checkpoint.RunError) is found before any model is loaded."""
-    dtype = compute_dtype(cfg)
-    rank, world, device = (setup_distributed(dtype != torch.float32, cfg.dist_timeout_h) if not dist.is_initialized() else
-                           (dist.get_rank(), dist.get_world_size(), current_device()))
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
-    resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
-                                          dataclasses.asdict(TrainConfig()))
-    try:  # the cheap reads first: a typo must not cost the minutes of loading a 7B model
+def read_inputs(cfg: TrainConfig, rank, world, device, dtype) -> Run:
+    """The tokenizer, the model's config and the data: a mistake in them (checkpoint.RunError) is found
+    before the minutes of loading a 7B model."""
+    try:
+        curves.check_wandb(cfg.wandb)
         model_dir = chat.resolve_model(cfg.model)
         tokenizer = chat.load_tokenizer(model_dir)
         ids = chat.control_ids(tokenizer)
@@ -295,108 +268,177 @@ def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
                              f"model to choose the first token (<think> or <short>), so the template must not pre-fill "
                              f"a mode (start RL from a warm-up checkpoint, or remove the control token from the template)")
         vocab_size = chat.tokenizer_vocab_size(tokenizer, load_config(model_dir).vocab_size)
-        items = load_items(cfg, tokenizer, ids.eos, model_dir)
+        items, counted = load_items(cfg, tokenizer, ids.eos, model_dir)
+        print0(counted)
     except (OSError, ValueError) as e:  # the messages name the file (and line); open() names it as filename
         raise RunError(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)) from None
-    total_steps = cfg.steps or math.ceil(len(items) / cfg.batch_size)
-    # rl: with a `level` on every problem, the metrics count think samples per level (degrpo.rollout_metrics)
     levelled = cfg.stage == "rl" and all(it[2] is not None for it in items)
-    level_names = sorted({str(it[2]) for it in items}) if levelled else []
-    torch.manual_seed(cfg.seed)
-    policy = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
-    policy.gradient_checkpointing = cfg.grad_checkpointing
-    if dist.is_initialized():  # FSDP2: compute in dtype, fp32 master weights (no group: fp32 throughout)
-        shard(policy, dtype)
-    lr = cfg.stage_default("lr", 1e-5, 1e-6)
-    # betas (0.9, 0.95) in both stages: the warm-up recipe's, and the official RL actor's default
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
-    # The prompt format, and the template every checkpoint of this run carries: SFT trains our format;
-    # RL prompts as the starting checkpoint's template does (the released warm-up model: a newline
-    # after <｜Assistant｜>), so RL sees the prompts its warm-up and its evaluation use.
-    template = chat.CHAT_TEMPLATE if cfg.stage == "sft" else chat.chat_template(model_dir)
+    return Run(cfg, rank, world, device, dtype, model_dir, tokenizer, ids, vocab_size, items,
+               level_names=sorted({str(it[2]) for it in items}) if levelled else [],
+               total_steps=cfg.steps or math.ceil(len(items) / cfg.batch_size))
 
-    if cfg.stage == "rl":
-        sampler_model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
-        ref_model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval() if cfg.beta else None
-        alpha = cfg.alpha or "0.001"  # the official control-token weight
-        rl_cfg = degrpo.RLConfig(
-            group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-            alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
-            entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, loss_agg=cfg.loss_agg,
-            drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
-            micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip,
-            compile=cfg.compile)
-        # One KV cache for the run, for the longest prompt and response: reused by every rollout, it is
-        # never freed for training to break up (expandable_segments, set above, fights the rest).
-        cache = new_cache(sampler_model, min(cfg.max_batch, cfg.batch_size // world * cfg.group_size),
+
+def build_models(run: Run, is_equivalent=None):
+    """The trained model (sharded), its optimizer, and for RL the sampler and reference copies, the
+    sampler's KV cache and the reward function."""
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(cfg.seed)
+    run.policy = Transformer.from_pretrained(run.model_dir, dtype=torch.float32, device=device)
+    run.policy.gradient_checkpointing = cfg.grad_checkpointing
+    if dist.is_initialized():  # FSDP2: compute in dtype, fp32 master weights (no group: fp32 throughout)
+        shard(run.policy, run.dtype)
+    # betas (0.9, 0.95) in both stages: the warm-up recipe's, and the official RL actor's default
+    run.optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.stage_default("lr", 1e-5, 1e-6), betas=(0.9, 0.95),
+                                      weight_decay=cfg.stage_default("weight_decay", 0.1, 0.01))
+    if cfg.stage == "sft":
+        return
+    run.sampler_model = Transformer.from_pretrained(run.model_dir, dtype=run.dtype, device=device).eval()
+    run.ref_model = Transformer.from_pretrained(run.model_dir, dtype=run.dtype, device=device).eval() if cfg.beta else None
+    alpha = cfg.alpha or "0.001"  # the official control-token weight
+    run.rl_cfg = degrpo.RLConfig(
+        group_size=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        alpha=None if alpha.lower() == "none" else float(alpha), clip_eps=cfg.clip_eps, beta=cfg.beta,
+        entropy_coef=cfg.entropy_coef, std_normalize=cfg.std_normalize, loss_agg=cfg.loss_agg,
+        drop_equal_groups=cfg.drop_equal_groups, updates_per_rollout=cfg.updates_per_rollout,
+        micro_batch_tokens=cfg.micro_batch_tokens, max_batch=cfg.max_batch, grad_clip=cfg.grad_clip,
+        compile=cfg.compile)
+    # One KV cache for the run, for the longest prompt and response: reused by every rollout, it is
+    # never freed for training to break up (expandable_segments, set above, fights the rest).
+    run.cache = new_cache(run.sampler_model, min(cfg.max_batch, cfg.batch_size // run.world * cfg.group_size),
                           cfg.max_prompt_len, cfg.max_new_tokens)
 
-        def reward_fn(tokens, answer):
-            d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
-            return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct,
-                                                               "format_ok": d.format_ok}
+    tokenizer = run.tokenizer  # not `run`: a cycle would keep the models alive (train, at its end)
 
+    def reward_fn(tokens, answer):
+        d = reward_details(chat.decode_response(tokenizer, tokens), answer, is_equivalent=is_equivalent)
+        return score(d, correct_think=cfg.correct_think), {"mode": d.mode, "correct": d.correct, "format_ok": d.format_ok}
+
+    run.reward_fn = reward_fn
+
+
+def run_step(run: Run, step):
+    """One optimizer step (sft) or rollout batch (rl) on this rank's slice of the global batch: its metrics."""
+    cfg, items = run.cfg, run.items
+    t0 = time.time()
+    mine, first = batch_indices(len(items), cfg.batch_size, step, cfg.seed, run.rank, run.world)
+    if cfg.stage == "sft":
+        lr_now = sft.cosine_lr(step, run.total_steps, run.optimizer.defaults["lr"], cfg.min_lr, cfg.warmup_frac)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr_now
+        m = sft.sft_step(run.policy, run.optimizer, [items[i][0] for i in mine], [items[i][1] for i in mine],
+                         cfg.micro_batch_tokens, cfg.grad_clip, run.world)
+        m["lr"] = lr_now
+    else:
+        m = degrpo.rl_step(run.policy, run.sampler_model, run.ref_model, run.optimizer, [items[i][0] for i in mine],
+                           [items[i][1] for i in mine], run.reward_fn, run.rl_cfg, seed=cfg.seed * 1_000_003 + step,
+                           eos_id=run.ids.eos, vocab_size=run.vocab_size, first_index=first, world_size=run.world,
+                           cache=run.cache, levels=[str(items[i][2]) for i in mine] if run.level_names else None,
+                           level_names=run.level_names)
+        copy_weights(run.policy, run.sampler_model)  # the next rollout samples from the new weights
+    m["step_time"] = time.time() - t0
+    return m
+
+
+def save(run: Run, step):
+    """out/step_NNNNNN (checkpoint.save_checkpoint), then curves.png from the metrics so far. Every
+    checkpoint carries the run's prompt format as its template: SFT trains our format; RL prompts as the
+    starting checkpoint's template does (the released warm-up model: a newline after <｜Assistant｜>),
+    so RL sees the prompts its warm-up and its evaluation use."""
+    cfg = run.cfg
+    state = {"step": step, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
+    template = chat.CHAT_TEMPLATE if cfg.stage == "sft" else chat.chat_template(run.model_dir)
+    path = save_checkpoint(cfg.out, step, run.policy, run.optimizer, run.tokenizer, state, cfg.keep_last, run.dtype,
+                           chat_template=template, start_dir=run.model_dir)
+    print0(f"saved {path}")
+    run.log.draw()
+    return path
+
+
+def setup(cfg: TrainConfig, is_equivalent=None):
+    """The process group, the run folder (checkpoint.claim_run_folder), the inputs, the models, and the
+    checkpoint resumed from; a mistake any rank finds stops every rank here. Returns (run, first step)."""
+    dtype = compute_dtype(cfg)
+    rank, world, device = (setup_distributed(dtype != torch.float32, cfg.dist_timeout_h) if not dist.is_initialized() else
+                           (dist.get_rank(), dist.get_world_size(), current_device()))
+    check_shared_folder(cfg.out)
+    run, error = None, None
+    try:
+        if cfg.batch_size % world:
+            raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+        resume_from, notes = claim_run_folder(cfg.out, cfg.resume, dataclasses.asdict(cfg),
+                                              dataclasses.asdict(TrainConfig()))
+        run = read_inputs(cfg, rank, world, device, dtype)
+        run.log = curves.RunLog(cfg.out, rank == 0, cfg.wandb, dataclasses.asdict(cfg), resume=bool(resume_from))
+    except (RunError, ValueError) as e:  # ValueError: wandb could not start (curves.start_wandb)
+        error = RunError(str(e))
+    agree(error)
+    build_models(run, is_equivalent)
     start = 0
     os.makedirs(cfg.out, exist_ok=True)
     if resume_from:
-        start = load_checkpoint(resume_from, policy, optimizer)["step"]
+        start = load_checkpoint(resume_from, run.policy, run.optimizer)["step"]
         print0(f"resumed from {resume_from} at step {start}")
         for note in notes:
             print0(note)
         if cfg.stage == "rl":
-            copy_weights(policy, sampler_model)
-    metrics_file = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_file):
-        trim_metrics(metrics_file, start)
+            copy_weights(run.policy, run.sampler_model)
+    if rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
+        trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+    return run, start
+
+
+def train(cfg: TrainConfig, is_equivalent=None, on_step=None):
+    """Runs cfg.stage from cfg.model on cfg.data; returns the last checkpoint folder.
+    on_step(step, sampler_model): called on rank 0 after every RL step (the toy demo's plot).
+    A mistake in the command (checkpoint.RunError) is found before any model is loaded. After a signal
+    (checkpoint.stop_on_signals) every rank finishes the step, saves, and raises checkpoint.Preempted."""
+    run, start = setup(cfg, is_equivalent)
     t_start, t_print, last_ckpt = time.time(), 0.0, None
-    for step in range(start, total_steps):
-        mine, first = batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)
-        if cfg.stage == "sft":
-            lr_now = sft.cosine_lr(step, total_steps, lr, cfg.min_lr, cfg.warmup_frac)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            m = sft.sft_step(policy, optimizer, [items[i][0] for i in mine], [items[i][1] for i in mine],
-                             cfg.micro_batch_tokens, cfg.grad_clip, world)
-            m["lr"] = lr_now
-        else:
-            m = degrpo.rl_step(policy, sampler_model, ref_model, optimizer, [items[i][0] for i in mine],
-                               [items[i][1] for i in mine], reward_fn, rl_cfg, seed=cfg.seed * 1_000_003 + step,
-                               eos_id=ids.eos, vocab_size=vocab_size, first_index=first, world_size=world, cache=cache,
-                               levels=[str(items[i][2]) for i in mine] if level_names else None, level_names=level_names)
-            copy_weights(policy, sampler_model)  # the next rollout samples from the new weights
-        elapsed = time.time() - t_start
-        if time.time() - t_print >= 2 or step + 1 == total_steps:  # every step, or every 2 s when steps are fast
-            t_print = time.time()
-            eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
-            print0(f"{cfg.stage} step {step + 1}/{total_steps} | {progress(cfg.stage, m)} | "
-                   f"{elapsed / (step + 1 - start):.2f}s/step | ETA {eta / 60:.1f}m")
-        if rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"stage": cfg.stage, "step": step + 1, **m}) + "\n")
-        if on_step and cfg.stage == "rl" and rank == 0:
-            on_step(step + 1, sampler_model)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            state = {"step": step + 1, "stage": cfg.stage, "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(cfg.out, step + 1, policy, optimizer, tokenizer, state, cfg.keep_last, dtype,
-                                        chat_template=template, start_dir=model_dir)
-            print0(f"saved {last_ckpt}")
+    try:
+        for step in range(start, run.total_steps):
+            m = run_step(run, step)
+            elapsed = time.time() - t_start
+            if time.time() - t_print >= 2 or step + 1 == run.total_steps:  # every step, or every 2 s when fast
+                t_print = time.time()
+                eta = elapsed / (step + 1 - start) * (run.total_steps - step - 1)
+                print0(f"{cfg.stage} step {step + 1}/{run.total_steps} | {progress(cfg.stage, m)} | "
+                       f"{elapsed / (step + 1 - start):.2f}s/step | ETA {eta / 60:.1f}m")
+            run.log.log({"stage": cfg.stage, "step": step + 1, **m})
+            if on_step and cfg.stage == "rl" and run.rank == 0:
+                on_step(step + 1, run.sampler_model)
+            saved = (step + 1) % cfg.save_every == 0 or step + 1 == run.total_steps
+            if saved:
+                last_ckpt = save(run, step + 1)
+            if (signal_name := stop_requested(run.device)) and step + 1 < run.total_steps:
+                path = last_ckpt if saved else save(run, step + 1)
+                raise Preempted(f"stopped by {signal_name} after step {step + 1}/{run.total_steps}, saved in {path}: "
+                                f"to continue, run the same command with --resume")
+    finally:  # the models freed now, not at the interpreter's exit: a sharded model holds the process group,
+        run.log.close()  # and gloo's threads abort a process whose group is destroyed at its exit
+        del run
+        gc.collect()  # cycles (an exception's frames, a closure) would keep them until then
     return last_ckpt or latest_checkpoint(cfg.out)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     status = 0
-    try:
-        if cfg.preset is not None:
-            toy.run_demo(cfg, train)
-        else:
-            train(cfg)
-    except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
-        print0(f"error: {e}")
-        status = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # a real run stops cleanly on SIGTERM or SIGINT (the toy demo starts over anyway), until its group is gone
+    with stop_on_signals(announce=os.environ.get("RANK", "0") == "0") if cfg.preset is None else contextlib.nullcontext():
+        try:
+            if cfg.preset is not None:
+                toy.run_demo(cfg, train)
+            else:
+                train(cfg)
+        except RunError as e:  # a mistake in the command: one line (rank 0), no traceback, status 1 on every rank
+            print0(f"error: {e}")
+            status = 1
+        except Preempted as e:  # saved: one line (rank 0) saying how to continue, status PREEMPTED on every rank
+            print0(str(e))
+            status = PREEMPTED
+        gc.collect()  # a stopped or failed run's models (its exception's frames held them), before their group
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if status:
         raise SystemExit(status)
 

@@ -275,7 +275,7 @@ def test_demo_rerun_starts_over_and_refuses_a_foreign_folder(tmp_path, monkeypat
     out = tmp_path / "demo"
     for _ in range(2):
         toy.run_demo(train.parse_args(["--out", str(out)]), train.train)
-    assert sorted(os.listdir(out / "sft")) == ["metrics.jsonl", "step_000002"]
+    assert sorted(os.listdir(out / "sft")) == ["curves.png", "metrics.jsonl", "step_000002"]
     assert [json.loads(line)["step"] for line in open(out / "sft" / "metrics.jsonl")] == [1, 2]
     assert sorted(os.listdir(out)) == sorted(toy.DEMO_OUTPUTS)
     (out / "notes.txt").write_text("mine")
