@@ -243,7 +243,7 @@ class Run:
     ids: chat.ControlIds
     vocab_size: int  # the tokenizer's ids: the rows the sampler draws from
     items: list
-    level_names: list  # rl, when every problem has a `level`: the metrics count think samples per level
+    level_names: list  # rl, when every problem has a `level`: the metrics count each mode per level
     total_steps: int
     policy: Transformer | None = None
     optimizer: torch.optim.Optimizer | None = None  # its defaults["lr"]: the peak lr
