@@ -179,7 +179,7 @@ def plan(cfg, world, rows, slots, tokens, beta=True, act_bytes=None, gpu=False):
     master weights, gradient checkpointing on. The update adds up terms that peak at different
     moments (the root's fp32 gradients at the end of the backward, the blocks' activations before):
     an upper bound."""
-    from kernels.logprobs import CHUNKS
+    from logprob_kernels.logprobs import CHUNKS
 
     P, R = n_params(cfg)  # all parameters, and the root's (embedding, final norm, untied lm_head)
     chunk_tokens, chunk_vocab = CHUNKS["triton" if gpu else "torch"]  # logits chunks: bf16 on a GPU, fp32 on a CPU

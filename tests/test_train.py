@@ -159,6 +159,26 @@ def test_default_flags_checkpoint_activations():
     assert saved_bytes_per_token_per_block(cfg, False) > 20 * cfg.hidden_size * 4
 
 
+def test_memory_plan_terms():
+    """rehearse.plan (BENCHMARKS.md's memory plan as code) at a small shape: its terms against the same
+    arithmetic done here from the config (parameters counted by hand, KV cache, states per rank)."""
+    import rehearse
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, dtype="float32")
+    H, I, V, L = 32, 64, 128, 3
+    q, kv = 4 * 8, 2 * 8  # query and key/value widths
+    block = (H * q + q) + 2 * (H * kv + kv) + q * H + 3 * H * I + 2 * H  # q (+bias), k, v (+bias), o, MLP, 2 norms
+    P = L * block + V * H + H  # blocks, the tied embedding, the final norm
+    plan = rehearse.plan(cfg, world=2, rows=8, slots=100, tokens=256, act_bytes=0)
+    assert plan[("rl", "sample")]["KV cache"] == L * 2 * 2 * 8 * 2 * 8 * 100  # layers x k,v x heads x dim x bf16 x rows x slots
+    assert plan[("rl", "sample")]["sampler copy, bf16"] == 2 * P
+    assert plan[("sft", "step")]["Adam m and v, sharded"] == 8 * P / 2
+    assert plan[("rl", "update")]["root gathered, bf16"] == 2 * (V * H + H)
+    assert set(plan) == {(s, p) for s in ("sft", "rl") for p in ("step", "save", "sample", "update", "refresh")
+                         if (s, p) not in {("sft", "sample"), ("sft", "update"), ("sft", "refresh"), ("rl", "step")}}
+
+
 def test_process_group_timeout_is_a_flag(monkeypatch):
     """Ranks sample on their own and meet at the first collective after the rollout: the group's
     timeout (default 3 h, not torch's 30 min) must cover one rank's longest rollout."""
