@@ -66,7 +66,8 @@ def level_measures(think, samples, short_is_right, short=None):
             "below_steps": sum(n > 0 and k / n < LOW for k, n in zip(think, samples)), "last": last,
             "short_last": short_last, "none_last": 1 - last - short_last,
             "to_short": longest_run(w < LOW for w in windows) >= SUSTAIN or last < LOW,
-            "to_think": (to_think if short_is_right else None)}  # None: not counted on this level
+            "to_think": (to_think if short_is_right else None),  # None: not counted on this level
+            "short_right": short_is_right}
 
 
 def short_is_right(warm, level):
@@ -146,13 +147,32 @@ def no_mode(x):
     return x["none_last"] > x["short_last"]
 
 
+def harmful(x):
+    """A collapse to short on a level where, after that seed's warm-up, short is wrong (forced short
+    below 0.75 x forced think): the failure the paper names. Where short is right, going short is
+    the routing the reward asks for."""
+    return x["to_short"] and not x["short_right"]
+
+
+def harmful_count(ms):
+    """(j, m): of the m runs whose level is hard after the warm-up, the j that collapsed to short."""
+    hard = [x for x in ms if not x["short_right"]]
+    return sum(map(harmful, hard)), len(hard)
+
+
 def count(runs, level, event):
     """'k/n' of the runs where `event` happened on `level` (runs where it is not counted left out); for
-    a collapse to short, how many of the k went mostly to no control token instead."""
+    a collapse to short, how many of the k went mostly to no control token instead, and, where short
+    is right after some seeds' warm-ups, j/m counted on the other seeds alone."""
     ms = [r["levels"][level] for r in runs if r["levels"][level][event] is not None]
-    k = sum(x[event] for x in ms)
-    none = sum(x[event] and no_mode(x) for x in ms) if event == "to_short" else 0
-    return (f"{k}/{len(ms)}" + (f" ({none} no mode)" if none else "")) if ms else "-"
+    if not ms:
+        return "-"
+    text = f"{sum(x[event] for x in ms)}/{len(ms)}"
+    if event == "to_short":
+        none = sum(x[event] and no_mode(x) for x in ms)
+        j, m = harmful_count(ms)
+        text += (f" ({none} no mode)" if none else "") + (f"; {j}/{m} where short is wrong" if m < len(ms) else "")
+    return text
 
 
 def warmup_table(warm, levels):
@@ -191,17 +211,21 @@ def method_tables(runs, levels):
     return events, per_level, after
 
 
-def hard_level_tables(runs, hard):
-    """The hard level seed by seed, and each method's paired differences against BASELINE."""
+def hard_level_tables(runs, warm, hard):
+    """The hard level seed by seed (with its forced-mode accuracy after that seed's warm-up), and each
+    method's paired differences against BASELINE."""
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
-    per_seed = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    acc = lambda s, mode: warm[s][mode]["levels"][hard]["pass@1"]
+    per_seed = ["| method | " + " | ".join(f"seed {s} (short {acc(s, 'always_short'):.2f}, think {acc(s, 'always_think'):.2f})"
+                                          for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
     for m, by_seed in runs.items():
         cells = []
         for s in seeds:
             x = by_seed[s]["levels"][hard] if s in by_seed else None
             cells.append("" if x is None else f"{pct(x['min_w'])} @{x['min_w_step']}, {x['below_steps']} < 5%, last "
                          f"{pct(x['last'])} / {pct(x['short_last'])} / {pct(x['none_last'])}"
-                         + ((" **no mode**" if no_mode(x) else " **short**") if x["to_short"] else ""))
+                         + ((" **no mode**" if no_mode(x) else " **short**") if x["to_short"] else "")
+                         + (" (short is right)" if x["to_short"] and x["short_right"] else ""))
         per_seed.append(f"| {m} | " + " | ".join(cells) + " |")
     paired = [f"| method minus {BASELINE}, same warm-up and RL seed | min W, per seed | last 20, per seed | "
               "tokens after RL, per seed |", "|---|---|---|---|"]
@@ -235,7 +259,7 @@ def preset_text(preset, data, command, out):
     levels = toy_levels(next(iter(warm.values()))["sft"]["levels"])
     hard = levels[-1]
     events, per_level, after = method_tables(runs, levels)
-    per_seed, paired = hard_level_tables(runs, hard)
+    per_seed, paired = hard_level_tables(runs, warm, hard)
     replicas = replica_table(data["replicas"], levels, hard)
     seconds = sum(r["summary"]["seconds"] for by in data["replicas"].values() for r in by.values())
     seconds += sum(w["seconds"] for w in warm.values())
@@ -250,8 +274,10 @@ def preset_text(preset, data, command, out):
         f"## The warm-up (test set, {len(warm)} seeds: mean (min-max))", "", *warmup_table(warm, levels), "",
         f"## Collapse events, k of n seeds (hard level: {hard})", "", *events, "",
         f"## The hard level (level {hard}), seed by seed", "",
-        "min W @ the step that ends its window, steps below 5%, and over the last 20 steps the share of its samples "
-        "that chose think / short / no control token; bold: the think share collapsed (to short, or to no mode).", "",
+        "Per seed, the hard level's forced-short and forced-think accuracy after that seed's warm-up; per cell, min W "
+        "@ the step that ends its window, steps below 5%, and over the last 20 steps the share of its samples that "
+        "chose think / short / no control token; bold: the think share collapsed (to short, or to no mode); "
+        "(short is right): on that seed's warm-up short was right on the hard level too (>= 0.75 x think).", "",
         *per_seed, "",
         "## Paired differences on the hard level", "", *paired, "",
         "## Every level: mean (min-max) over seeds", "", *per_level, "",
@@ -304,43 +330,63 @@ def preset_figure(preset, data, path, plt):
     plt.close(fig)
 
 
+def phase_cell(runs, hard):
+    """One cell of the phase diagram: (share of the seeds where the hard level is hard after the warm-up
+    whose hard level collapsed to short, its text)."""
+    ms = [r["levels"][hard] for r in runs]
+    k = sum(x["to_short"] for x in ms)
+    none = sum(x["to_short"] and no_mode(x) for x in ms)
+    j, m = harmful_count(ms)
+    mean_min_w = sum(x["min_w"] for x in ms) / len(ms)
+    text = (f"{j}/{m} short wrong" + (f"\n{k}/{len(ms)} all seeds" if m < len(ms) else "")
+            + (f"\n({none} no mode)" if none else "") + f"\nmin W {pct(mean_min_w)}")
+    return (j / m if m else float("nan")), text
+
+
 def phase(presets, grids, method_order, path, plt):
-    """The phase diagram: rows r, columns methods, the share of seeds whose hard level collapsed to short."""
+    """The phase diagram: rows r, columns methods, the share of seeds whose hard level collapsed to short,
+    counted on the seeds where short is wrong on it after the warm-up (all seeds in the text)."""
     presets = sorted(presets, key=lambda p: toy.length_ratio(toy.PRESETS[p].task))
     methods = [m for m in method_order if any(m in grids[p]["runs"] for p in presets)]
     share, labels = [], []
     for p in presets:
-        row, text = [], []
+        cells = []
         for m in methods:
             rs = list(grids[p]["runs"].get(m, {}).values())
-            hard = toy_levels(rs[0]["levels"])[-1] if rs else None
-            k = sum(r["levels"][hard]["to_short"] for r in rs)
-            none = sum(r["levels"][hard]["to_short"] and no_mode(r["levels"][hard]) for r in rs)
-            row.append(k / len(rs) if rs else float("nan"))
-            mean_min_w = sum(r["levels"][hard]["min_w"] for r in rs) / len(rs) if rs else float("nan")
-            text.append(f"{k}/{len(rs)}" + (f" ({none} no mode)" if none else "") + f"\nmin W {pct(mean_min_w)}"
-                        if rs else "")
-        share.append(row)
-        labels.append(text)
-    fig, ax = plt.subplots(figsize=(2.2 * len(methods) + 1.5, 1.1 * len(presets) + 1.6))
+            cells.append(phase_cell(rs, toy_levels(rs[0]["levels"])[-1]) if rs else (float("nan"), ""))
+        share.append([c[0] for c in cells])
+        labels.append([c[1] for c in cells])
+    fig, ax = plt.subplots(figsize=(2.3 * len(methods) + 1.5, 1.3 * len(presets) + 1.8))
     im = ax.imshow(share, cmap="Reds", vmin=0, vmax=1, aspect="auto")
     for i in range(len(presets)):
         for j in range(len(methods)):
-            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9,
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8,
                     color="white" if share[i][j] > 0.6 else "black")
     ax.set_xticks(range(len(methods)), methods)
     ax.set_yticks(range(len(presets)), [f"r = {toy.length_ratio(toy.PRESETS[p].task):.0f}" for p in presets])
-    ax.set_title("seeds whose hard level's think share collapsed (< 5%): k/n, how many of them to no control\n"
-                 "token rather than <short>, and the mean of its lowest 10-step think share", fontsize=10)
-    fig.colorbar(im, ax=ax, label="share of seeds")
+    ax.set_title("seeds whose hard level's think share collapsed (< 5%), k/n of the seeds where short is wrong\n"
+                 "on it after the warm-up (all seeds below, where they differ), how many to no control token,\n"
+                 "and the mean of its lowest 10-step think share", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of seeds (short wrong)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return presets, methods
 
 
+MIN_SEEDS = 3  # the criterion decides nothing on fewer seeds (issue 21: at least 3 per cell)
+
+
+def verdict(k_v, k_d, n):
+    if n < MIN_SEEDS:
+        return f"too few seeds to decide (fewer than {MIN_SEEDS})"
+    return "holds" if k_v >= 0.8 * n and k_d <= 0.2 * n else "does not hold"
+
+
 def criterion(grid):
-    """Per vanilla method: k/n of the hard level's collapse to short against BASELINE's, and the verdict."""
+    """Per vanilla method: k/n of the hard level's collapse to short against BASELINE's and the verdict,
+    on every seed (as stated before the run) and on the seeds where short is wrong on the hard level
+    after the warm-up (added once r = 39's seed 1 had shown a warm-up whose short mode solved it)."""
     out = []
     base = grid["runs"].get(BASELINE, {})
     for m in VANILLA:
@@ -351,8 +397,13 @@ def criterion(grid):
         hard = toy_levels(runs[seeds[0]]["levels"])[-1]
         k_v = sum(runs[s]["levels"][hard]["to_short"] for s in seeds)
         k_d = sum(base[s]["levels"][hard]["to_short"] for s in seeds)
-        holds = k_v >= 0.8 * len(seeds) and k_d <= 0.2 * len(seeds)
-        out.append(f"{m} {k_v}/{len(seeds)} against {BASELINE} {k_d}/{len(seeds)}: " + ("holds" if holds else "does not hold"))
+        text = f"{m} {k_v}/{len(seeds)} against {BASELINE} {k_d}/{len(seeds)}: {verdict(k_v, k_d, len(seeds))}"
+        wrong = [s for s in seeds if not base[s]["levels"][hard]["short_right"]]
+        if len(wrong) < len(seeds):
+            j_v = sum(runs[s]["levels"][hard]["to_short"] for s in wrong)
+            j_d = sum(base[s]["levels"][hard]["to_short"] for s in wrong)
+            text += f" (where short is wrong: {j_v}/{len(wrong)} against {j_d}/{len(wrong)}: {verdict(j_v, j_d, len(wrong))})"
+        out.append(text)
     return "; ".join(out)
 
 
@@ -390,7 +441,10 @@ def write_report(presets, out, docs, command, method_order):
         "# The phase diagram: where the hard level collapsed to short", "",
         f"Written by `{command}` from the finished runs in `{shown(out)}`. Per cell: the warm-up seeds "
         "(first RL seed of each) in which the hard level's think share stayed below 5% over 10-step windows for "
-        f"{SUSTAIN} consecutive steps or over the last {LAST} steps (study.py).", "", *rows, "",
+        f"{SUSTAIN} consecutive steps or over the last {LAST} steps (study.py); where short was right on the hard "
+        "level after some seeds' warm-ups (forced short >= 0.75 x forced think: going short is then the routing "
+        "the reward asks for), also counted on the other seeds alone. The figure's colour is that second share.",
+        "", *rows, "",
         "![phase diagram](study_phase.png)", ""])
     with open(os.path.join(docs, "study_phase.md"), "w") as f:
         f.write(text)

@@ -78,3 +78,22 @@ def test_where_a_collapsed_level_went():
     assert study_report.no_mode(m)
     short, _ = counts([0.5] * 180 + [1.0] * 20)
     assert not study_report.no_mode(study_report.level_measures(think, samples, False, short))
+
+
+def test_a_collapse_to_short_counts_as_harmful_only_where_short_is_wrong_and_the_criterion():
+    """A hard level that goes short after a warm-up whose short mode solves it is routing, not
+    collapse: the phase diagram counts it apart; the criterion needs 3 seeds or more to decide."""
+    down = counts([0.5] * 180 + [0.0] * 20)
+    up = counts([0.5] * 200)
+    run = lambda shares, short_right: {"levels": {"1": study_report.level_measures(*shares, short_is_right=short_right)}}
+    vanilla = {0: run(down, False), 1: run(down, True), 2: run(down, False), 3: run(down, False)}
+    degrpo = {0: run(up, False), 1: run(down, True), 2: run(up, False), 3: run(up, False)}
+    assert study_report.count(list(vanilla.values()), "1", "to_short") == "4/4; 3/3 where short is wrong"
+    assert study_report.count(list(degrpo.values()), "1", "to_short") == "1/4; 0/3 where short is wrong"
+    share, text = study_report.phase_cell(list(vanilla.values()), "1")
+    assert share == 1.0 and text.startswith("3/3 short wrong\n4/4 all seeds")
+    grid = {"runs": {"grpo-seq-mean": vanilla, "degrpo-1": degrpo}}
+    assert study_report.criterion(grid) == ("grpo-seq-mean 4/4 against degrpo-1 1/4: does not hold "
+                                            "(where short is wrong: 3/3 against 0/3: holds)")
+    grid = {"runs": {"grpo-seq-mean": {0: vanilla[0]}, "degrpo-1": {0: degrpo[0]}}}
+    assert "1/1 against degrpo-1 0/1: too few seeds" in study_report.criterion(grid)
