@@ -407,6 +407,23 @@ def criterion(grid):
     return "; ".join(out)
 
 
+def warmup_across(grids, ordered):
+    """Per r: each forced mode's accuracy per level after the warm-up, and per seed whether short is
+    wrong on the hard level (the seeds the criterion can use)."""
+    rows = ["| r | seeds | forced think, level 1 / 2 / 3 / 4 | forced short, level 1 / 2 / 3 / 4 | "
+            "hard level: short accuracy per seed | seeds where short is wrong on it |", "|---|---|---|---|---|---|"]
+    for p in ordered:
+        warm = grids[p]["warm"]
+        levels = toy_levels(next(iter(warm.values()))["sft"]["levels"])
+        acc = lambda mode, lv: spread([w[mode]["levels"][lv]["pass@1"] for w in warm.values()], fmt=lambda v: f"{v:.2f}")
+        per_seed = ", ".join(f"{w['always_short']['levels'][levels[-1]]['pass@1']:.2f} ({s})" for s, w in warm.items())
+        wrong = sum(not short_is_right(w, levels[-1]) for w in warm.values())
+        rows.append(f"| {toy.length_ratio(toy.PRESETS[p].task):.1f} | {len(warm)} | "
+                    + " / ".join(acc("always_think", lv) for lv in levels) + " | "
+                    + " / ".join(acc("always_short", lv) for lv in levels) + f" | {per_seed} | {wrong}/{len(warm)} |")
+    return rows
+
+
 def write_report(presets, out, docs, command, method_order):
     """Every table and figure in docs from the finished runs; returns the phase table's text.
     method_order: the methods of the phase diagram, in its order (the others get their own .md rows)."""
@@ -445,7 +462,9 @@ def write_report(presets, out, docs, command, method_order):
         "level after some seeds' warm-ups (forced short >= 0.75 x forced think: going short is then the routing "
         "the reward asks for), also counted on the other seeds alone. The figure's colour is that second share.",
         "", *rows, "",
-        "![phase diagram](study_phase.png)", ""])
+        "![phase diagram](study_phase.png)", "",
+        "## The warm-up at each r (test set: mean (min-max) over seeds; per seed: short accuracy (seed))", "",
+        *warmup_across(grids, ordered), ""])
     with open(os.path.join(docs, "study_phase.md"), "w") as f:
         f.write(text)
     return text

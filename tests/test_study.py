@@ -37,7 +37,8 @@ def test_shortened_study_continues_and_writes_figures_and_tables(tmp_path, capsy
     table = (docs / "study_toy.md").read_text()
     assert "| degrpo-1 | 1 | " in table and "| degrpo-1-seq-mean | 1 | " in table  # k of n: first RL seed only
     assert "## The spread from the RL seed alone" in table and "| degrpo-1-seq-mean | 0 | 1000 |" in table
-    assert re.search(r"\| 7\.0 \(toy\) \| [01]/1 \|", (docs / "study_phase.md").read_text())
+    assert re.search(r"\| 7\.0 \(toy\) \| [01]/1(; [01]/[01] where short is wrong)? \|", (docs / "study_phase.md").read_text())
+    assert re.search(r"\| 7\.0 \| 1 \| .* \| \d\.\d\d \(0\) \| [01]/1 \|", (docs / "study_phase.md").read_text())  # the warm-up
 
 
 def counts(shares, n=20):
