@@ -216,8 +216,13 @@ def sh(command, log):
     with open(log, "a") as f:
         f.write("$ " + " ".join(command) + "\n")
         f.flush()
-        status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")).returncode
+        # MALLOC_MMAP_THRESHOLD_ fixed: glibc otherwise raises its threshold (up to 32 MiB) after a large
+        # block is freed, so a block's ~30 MB buffers (FSDP2's all-gather and reduce-scatter outputs) come
+        # from the heap, and the holes they leave stay resident until malloc_trim: the update's peak then
+        # counted 30-35 MiB a block that no tensor held (BENCHMARKS.md). Fixed at 128 KiB, every larger
+        # tensor is its own mapping, returned when freed, and the peak measures what the plan counts.
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MALLOC_MMAP_THRESHOLD_="131072")
+        status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     if status:
         sys.exit(f"failed ({status}): {' '.join(command)}; its output: {log}")
     return time.time() - t0
