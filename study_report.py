@@ -241,14 +241,15 @@ def hard_level_tables(runs, warm, hard):
 
 
 def replica_table(replicas, levels, hard):
-    rows = ["| method | warm-up seed | RL seed | hard level: min W (step) | last 20, level " + " / ".join(levels)
+    rows = ["| method | warm-up seed | RL seed | hard level: min W (step), collapse | last 20, level " + " / ".join(levels)
             + " | tokens after RL |", "|---|---|---|---|---|---|"]
     for m, by_pair in replicas.items():
         warm_seeds = {s for s, r in by_pair if r != s}
         for (s, rl_seed), run in sorted(by_pair.items()):
             if s in warm_seeds:
                 x = run["levels"]
-                rows.append(f"| {m} | {s} | {rl_seed} | {pct(x[hard]['min_w'])} ({x[hard]['min_w_step']}) | "
+                went = (" **no mode**" if no_mode(x[hard]) else " **short**") if x[hard]["to_short"] else ""
+                rows.append(f"| {m} | {s} | {rl_seed} | {pct(x[hard]['min_w'])} ({x[hard]['min_w_step']}){went} | "
                             + " / ".join(pct(x[lv]["last"]) for lv in levels)
                             + f" | {run['summary']['rl']['mean_tokens']:.1f} |")
     return rows if len(rows) > 2 else []
