@@ -42,7 +42,11 @@ Criterion, stated before the run: "vanilla collapses where DeGRPO does not" hold
 vanilla method V when the hard level collapsed to short in at least 80% of V's seeds and in at most
 20% of DeGRPO alpha 1's (token-mean) on the same warm-ups (4 of 5 against at most 1 of 5; 3 of 3
 against 0 of 3); with the per-seed pairs shown (paired differences of the hard level's min W).
-Anything between is reported as it is and decides nothing.
+Anything between is reported as it is and decides nothing. Added once r = 39's warm-up of seed 1 had
+shown that a warm-up can teach the short mode the hard level (forced short 0.96): the collapse counts
+and the criterion are also given on the seeds where short is wrong on the hard level after the
+warm-up (where it is right, going short is the routing the reward asks for), beside the counts on
+all seeds; and the criterion decides nothing on fewer than 3 seeds.
 
 Design:
 - One warm-up per (preset, seed), shared by every method of that seed: RL of every method starts from
