@@ -8,6 +8,7 @@ reliable on levels 1-3 and near chance on level 4, the hard level):
     python study.py --presets toy toy-r20 toy-r65 --seeds 0 1 2                        # r = 7, 20, 65
     python study.py --presets toy-r39 --seeds 0 1 2 3 4                                # r = 39
     python study.py --presets toy-r39 --seeds 0 1 2 3 4 --methods grpo-seq-mean degrpo-1 --rl-seeds-per-warmup 2
+    python study.py --presets toy toy-r20 --seeds 3 4                                  # r = 7, 20: 5 seeds
     python study.py --report-only --presets toy toy-r20 toy-r39 toy-r65                # docs/study_*.{md,png}
 
 Methods (METHODS; degrpo.py's docstring has the formulas): vanilla GRPO (--alpha none) aggregated
