@@ -64,7 +64,7 @@ def level_measures(think, samples, short_is_right, short=None):
     return {"share": [k / n if n else float("nan") for k, n in zip(think, samples)], "windows": windows,
             "min_w": windows[low] if windows else float("nan"), "min_w_step": WINDOW + low if windows else None,
             "below_steps": sum(n > 0 and k / n < LOW for k, n in zip(think, samples)), "last": last,
-            "short_last": short_last, "none_last": 1 - last - short_last,
+            "short_last": short_last, "none_last": max(0.0, 1 - last - short_last),  # not -0% from rounding
             "to_short": longest_run(w < LOW for w in windows) >= SUSTAIN or last < LOW,
             "to_think": (to_think if short_is_right else None),  # None: not counted on this level
             "short_right": short_is_right}
@@ -86,7 +86,7 @@ def load_run(folder, warm):
                                    counts("short_by_level", lv)) for lv in levels}
     probes = {key: {lv: [(h["step"], h["levels"][lv][key]) for h in summary["history"]] for lv in levels}
               for key in ("p_think", "p_short")}
-    probes["p_none"] = {lv: [(s, 1 - t - q) for (s, t), (_, q) in zip(probes["p_think"][lv], probes["p_short"][lv])]
+    probes["p_none"] = {lv: [(s, max(0.0, 1 - t - q)) for (s, t), (_, q) in zip(probes["p_think"][lv], probes["p_short"][lv])]
                         for lv in levels}  # the first token is neither control token
     return {"summary": summary, "levels": measures, "probes": probes, "seed": int(summary["seed"])}
 

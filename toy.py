@@ -67,13 +67,12 @@ the six numbers `passes` times, each pass numbered, like a reasoning model that 
     the smaller the short answers' share of the warm-up's gradient. Whether that leaves the short
     mode weaker after the same 2000 steps is measured per r in docs/STUDY.md (each forced mode on
     each level), not hidden by changing the task. Measured (docs/study_phase.md, 2026-12-05, seeds
-    0-4 at r = 39, 0-2 at r = 7, 20 and 65): forced to think, right on 0.94-1.00 of every level at
+    0-4 at r = 7, 20 and 39, 0-2 at r = 65): forced to think, right on 0.94-1.00 of every level at
     every r (longer chains are no harder to learn); forced short, right on 0.88-1.00 of levels 1-3
     and on 0.09-0.21 of level 4, except two warm-ups of r = 39 (seeds 1 and 3: 0.96 and 0.90) whose
-    short mode learned level 4 too, so that no level needs thinking there, and one of r = 20 (seed
-    2: 0.61, near the 0.75 where short pays as much as thinking). The short mode got at most
-    slightly weaker as r grew: level 3's forced short, mean over seeds, 0.98 / 0.98 / 0.98 / 0.95
-    at r = 7 / 20 / 39 / 65.
+    short mode learned level 4 too, so that no level needs thinking there, one of r = 20 (seed 2:
+    0.61, near the 0.75 where short pays as much as thinking), and one of r = 20 (seed 3) whose
+    short mode missed level 3 as well (0.10). The seed moves the short mode's reach more than r.
 
 == The long regime (--preset long): the paper's length imbalance and a short mode RL can improve
 
