@@ -45,6 +45,11 @@ def pooled(think, samples):
     return sum(think) / max(sum(samples), 1)
 
 
+def neither(think, short):
+    """The share (or probability) left for no control token; clipped, so float rounding prints 0%, not -0%."""
+    return max(0.0, 1 - think - short)
+
+
 def longest_run(flags):
     best = cur = 0
     for f in flags:
@@ -64,7 +69,7 @@ def level_measures(think, samples, short_is_right, short=None):
     return {"share": [k / n if n else float("nan") for k, n in zip(think, samples)], "windows": windows,
             "min_w": windows[low] if windows else float("nan"), "min_w_step": WINDOW + low if windows else None,
             "below_steps": sum(n > 0 and k / n < LOW for k, n in zip(think, samples)), "last": last,
-            "short_last": short_last, "none_last": max(0.0, 1 - last - short_last),  # not -0% from rounding
+            "short_last": short_last, "none_last": neither(last, short_last),
             "to_short": longest_run(w < LOW for w in windows) >= SUSTAIN or last < LOW,
             "to_think": (to_think if short_is_right else None),  # None: not counted on this level
             "short_right": short_is_right}
@@ -86,7 +91,7 @@ def load_run(folder, warm):
                                    counts("short_by_level", lv)) for lv in levels}
     probes = {key: {lv: [(h["step"], h["levels"][lv][key]) for h in summary["history"]] for lv in levels}
               for key in ("p_think", "p_short")}
-    probes["p_none"] = {lv: [(s, max(0.0, 1 - t - q)) for (s, t), (_, q) in zip(probes["p_think"][lv], probes["p_short"][lv])]
+    probes["p_none"] = {lv: [(s, neither(t, q)) for (s, t), (_, q) in zip(probes["p_think"][lv], probes["p_short"][lv])]
                         for lv in levels}  # the first token is neither control token
     return {"summary": summary, "levels": measures, "probes": probes, "seed": int(summary["seed"])}
 
@@ -416,9 +421,10 @@ def warmup_across(grids, ordered):
     for p in ordered:
         warm = grids[p]["warm"]
         levels = toy_levels(next(iter(warm.values()))["sft"]["levels"])
+        hard = levels[-1]
         acc = lambda mode, lv: spread([w[mode]["levels"][lv]["pass@1"] for w in warm.values()], fmt=lambda v: f"{v:.2f}")
-        per_seed = ", ".join(f"{w['always_short']['levels'][levels[-1]]['pass@1']:.2f} ({s})" for s, w in warm.items())
-        wrong = sum(not short_is_right(w, levels[-1]) for w in warm.values())
+        per_seed = ", ".join(f"{w['always_short']['levels'][hard]['pass@1']:.2f} ({s})" for s, w in warm.items())
+        wrong = sum(not short_is_right(w, hard) for w in warm.values())
         rows.append(f"| {toy.length_ratio(toy.PRESETS[p].task):.1f} | {len(warm)} | "
                     + " / ".join(acc("always_think", lv) for lv in levels) + " | "
                     + " / ".join(acc("always_short", lv) for lv in levels) + f" | {per_seed} | {wrong}/{len(warm)} |")
